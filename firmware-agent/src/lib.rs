@@ -1,0 +1,2 @@
+//! Device agent (placeholder).
+#![no_std]

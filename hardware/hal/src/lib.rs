@@ -1,0 +1,2 @@
+//! Hardware traits (placeholder).
+#![no_std]
