@@ -114,7 +114,9 @@ pub fn build_p256_csr<E>(
     let tail_start = HEADER_ROOM + info_len;
     let tail = out.get_mut(tail_start..).ok_or(CsrError::BufferTooSmall)?;
     let mut w = Writer::new(tail);
-    w.constructed(tag::SEQUENCE, |w| w.primitive(tag::OID, OID_ECDSA_WITH_SHA256))?;
+    w.constructed(tag::SEQUENCE, |w| {
+        w.primitive(tag::OID, OID_ECDSA_WITH_SHA256)
+    })?;
     let mut signature_der = [0u8; 72];
     let mut sw = Writer::new(&mut signature_der);
     sw.constructed(tag::SEQUENCE, |w| {

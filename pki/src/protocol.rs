@@ -525,6 +525,14 @@ impl<'a> EnrollRequest<'a> {
 
     /// Decodes and [checks](Self::check) a CBOR request. Unknown fields are ignored.
     pub fn decode_cbor(payload: &'a [u8]) -> Result<EnrollRequest<'a>, DecodeError> {
+        let request = Self::decode_cbor_unchecked(payload)?;
+        request.check()?;
+        Ok(request)
+    }
+
+    /// Decodes a CBOR request without [checking](Self::check) its fields, so that
+    /// a rejection can still name the `rid`.
+    pub fn decode_cbor_unchecked(payload: &'a [u8]) -> Result<EnrollRequest<'a>, DecodeError> {
         let mut d = Decoder::new(payload);
         let (mut rid, mut csr, mut proof) = (None, None, None);
         for _ in 0..map_len(&mut d, payload)? {
@@ -536,13 +544,11 @@ impl<'a> EnrollRequest<'a> {
             }
         }
         finish(&d, payload)?;
-        let request = EnrollRequest {
+        Ok(EnrollRequest {
             rid: required(rid, "rid")?,
             csr: required(csr, "csr")?,
             proof: required(proof, "proof")?,
-        };
-        request.check()?;
-        Ok(request)
+        })
     }
 }
 
@@ -605,9 +611,11 @@ impl<'a> Issued<'a> {
                 "not_before" => once(&mut not_before, "not_before", uint(&mut d, "not_before")?)?,
                 "not_after" => once(&mut not_after, "not_after", uint(&mut d, "not_after")?)?,
                 "time" => once(&mut time, "time", uint(&mut d, "time")?)?,
-                "renew_after" => {
-                    once(&mut renew_after, "renew_after", uint(&mut d, "renew_after")?)?
-                }
+                "renew_after" => once(
+                    &mut renew_after,
+                    "renew_after",
+                    uint(&mut d, "renew_after")?,
+                )?,
                 "renew_before" => once(
                     &mut renew_before,
                     "renew_before",
@@ -681,10 +689,7 @@ mod tests {
             reply.as_str(),
             "idgate/v1/devices/sensor-42/enroll/cbor/rejected"
         );
-        assert_eq!(
-            Topic::parse(&reply).unwrap().reply,
-            Some(Reply::Rejected)
-        );
+        assert_eq!(Topic::parse(&reply).unwrap().reply, Some(Reply::Rejected));
     }
 
     #[test]
@@ -752,7 +757,10 @@ mod tests {
         assert_eq!(EnrollRequest::decode_cbor(&buf[..n]), Ok(request));
         // Every truncation is an error, never a panic.
         for cut in 0..n {
-            assert!(EnrollRequest::decode_cbor(&buf[..cut]).is_err(), "cut {cut}");
+            assert!(
+                EnrollRequest::decode_cbor(&buf[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
         // Trailing bytes are refused.
         buf[n] = 0;
