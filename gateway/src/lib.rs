@@ -1,1 +1,11 @@
-//! Gateway (placeholder).
+//! The idgate gateway: an online intermediate CA that issues short-lived device
+//! certificates to devices enrolling over MQTT, with a registry of every device,
+//! certificate and decision.
+//!
+//! Modules by responsibility: [`authority`] is the one signing pipeline,
+//! [`provisioner`] the enrollment credentials, [`registry`] the database,
+//! [`broker`] the MQTT front (the only module that imports rumqttd),
+//! [`service`] the request loop between them, [`datadir`] the files on disk.
+
+pub mod registry;
+pub mod testing;

@@ -1,0 +1,779 @@
+//! The registry: devices, owners, certificates, enrollment credentials and the
+//! audit log, in SQLite (one file, the default) or PostgreSQL (several gateway
+//! replicas). One schema and one set of runtime queries serve both through
+//! `sqlx::Any`; times are unix seconds.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rand::RngCore;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+use tokio::sync::Mutex;
+
+/// The schema, in order. A migration never changes once released.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("migrations/0001_initial.sql"),
+)];
+
+/// A registry failure: our fault or the database's, never the device's.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The database refused or went away.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The database URL is not one we support.
+    #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://…)")]
+    UnsupportedUrl(String),
+    /// The device id is registered already.
+    #[error("device `{0}` already exists")]
+    DeviceExists(String),
+    /// The database holds a schema newer than this gateway knows.
+    #[error("the database schema is version {0}, newer than this idgate ({1}); upgrade idgate")]
+    SchemaTooNew(i64, i64),
+    /// A stored value is not what the schema allows.
+    #[error("corrupt registry row: {0}")]
+    Corrupt(String),
+}
+
+/// Which database is behind the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// Lifecycle state of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    /// Registered, waiting for its first enrollment.
+    Pending,
+    /// Enrolled; may renew.
+    Active,
+    /// Temporarily cut off.
+    Suspended,
+    /// Permanently cut off.
+    Revoked,
+    /// Taken out of service.
+    Retired,
+}
+
+impl DeviceStatus {
+    /// Every status.
+    pub const ALL: [DeviceStatus; 5] = [
+        DeviceStatus::Pending,
+        DeviceStatus::Active,
+        DeviceStatus::Suspended,
+        DeviceStatus::Revoked,
+        DeviceStatus::Retired,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Pending => "pending",
+            DeviceStatus::Active => "active",
+            DeviceStatus::Suspended => "suspended",
+            DeviceStatus::Revoked => "revoked",
+            DeviceStatus::Retired => "retired",
+        }
+    }
+}
+
+impl FromStr for DeviceStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        DeviceStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown status `{s}` (pending, active, suspended, revoked, retired)")
+            })
+    }
+}
+
+impl fmt::Display for DeviceStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device to register.
+#[derive(Clone, Debug)]
+pub struct NewDevice {
+    /// Device id (syntax already checked).
+    pub id: String,
+    /// Owner's email.
+    pub owner: String,
+    /// Site.
+    pub site: String,
+    /// Model, if known.
+    pub model: Option<String>,
+    /// Who registers it.
+    pub created_by: String,
+}
+
+/// A registered device.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Device {
+    /// Device id.
+    pub id: String,
+    /// Owner's email.
+    pub owner: String,
+    /// Site.
+    pub site: String,
+    /// Model.
+    pub model: Option<String>,
+    /// Status.
+    pub status: DeviceStatus,
+    /// Who registered it.
+    pub created_by: String,
+    /// When it was registered.
+    pub created_at: i64,
+    /// Last status change.
+    pub updated_at: i64,
+}
+
+/// Filters for [`Registry::list_devices`]; `None` matches everything.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFilter {
+    /// Exact site.
+    pub site: Option<String>,
+    /// Exact owner email.
+    pub owner: Option<String>,
+    /// Status.
+    pub status: Option<DeviceStatus>,
+}
+
+/// A stored enrollment credential.
+#[derive(Clone, Debug)]
+pub struct Credential {
+    /// Kind of credential (`token`).
+    pub kind: String,
+    /// The sealed secret.
+    pub secret: Vec<u8>,
+    /// When it was used, if it was.
+    pub used_at: Option<i64>,
+}
+
+/// A certificate as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateRecord {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// The device it was issued to.
+    pub device_id: String,
+    /// SHA-256 of its SubjectPublicKeyInfo.
+    #[serde(skip)]
+    pub key_fingerprint: Vec<u8>,
+    /// Validity start.
+    pub not_before: i64,
+    /// Validity end.
+    pub not_after: i64,
+    /// When it was issued.
+    pub issued_at: i64,
+    /// The certificate, DER.
+    #[serde(skip)]
+    pub der: Vec<u8>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
+    /// Why.
+    pub revocation_reason: Option<String>,
+}
+
+/// A certificate to record together with the request that asked for it.
+#[derive(Clone, Debug)]
+pub struct Issuance {
+    /// The certificate.
+    pub certificate: CertificateRecord,
+    /// The operation (`enroll`).
+    pub op: &'static str,
+    /// The request id.
+    pub rid: String,
+    /// SHA-256 of the CSR, to tell a retry from a conflicting reuse of the rid.
+    pub csr_sha256: Vec<u8>,
+}
+
+/// Why an issuance could not be recorded (nothing was written).
+#[derive(Debug, thiserror::Error)]
+pub enum IssuanceError {
+    /// The enrollment credential was used meanwhile.
+    #[error("the enrollment token has been used")]
+    TokenUsed,
+    /// The device is no longer pending.
+    #[error("the device is not pending")]
+    NotPending,
+    /// The key belongs to another device.
+    #[error("the key is bound to another device")]
+    KeyReused,
+    /// The rid was answered meanwhile (a concurrent duplicate).
+    #[error("the request id has been answered")]
+    RidTaken,
+    /// The database failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// A request answered before.
+#[derive(Clone, Debug)]
+pub struct PriorRequest {
+    /// SHA-256 of the CSR it carried.
+    pub csr_sha256: Vec<u8>,
+    /// The certificate it was answered with.
+    pub certificate: CertificateRecord,
+}
+
+/// One audit log entry.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Time-ordered id (set by [`Registry::audit`] when empty).
+    pub id: String,
+    /// When, unix seconds.
+    pub at: i64,
+    /// Who: `device:ID`, `cli:USER`, …
+    pub actor: String,
+    /// What: `enroll`, `device.add`, …
+    pub action: String,
+    /// Which device, if any.
+    pub device_id: Option<String>,
+    /// Which certificate, if any.
+    pub serial: Option<String>,
+    /// `ok`, or the rejection code.
+    pub outcome: String,
+    /// Free text for people.
+    pub detail: String,
+}
+
+impl AuditEntry {
+    /// An entry with a fresh time-ordered id.
+    pub fn new(at: i64, actor: impl Into<String>, action: impl Into<String>) -> AuditEntry {
+        AuditEntry {
+            id: audit_id(),
+            at,
+            actor: actor.into(),
+            action: action.into(),
+            device_id: None,
+            serial: None,
+            outcome: "ok".into(),
+            detail: String::new(),
+        }
+    }
+
+    /// Sets the device.
+    pub fn device(mut self, id: impl Into<String>) -> Self {
+        self.device_id = Some(id.into());
+        self
+    }
+
+    /// Sets the certificate serial.
+    pub fn serial(mut self, serial: impl Into<String>) -> Self {
+        self.serial = Some(serial.into());
+        self
+    }
+
+    /// Sets the outcome.
+    pub fn outcome(mut self, outcome: impl Into<String>) -> Self {
+        self.outcome = outcome.into();
+        self
+    }
+
+    /// Sets the detail text.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+}
+
+/// Milliseconds since the epoch (14 digits) then 64 random bits: sorts by time.
+fn audit_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{millis:014}{:016x}", rand::rngs::OsRng.next_u64())
+}
+
+/// The registry.
+#[derive(Debug)]
+pub struct Registry {
+    pool: AnyPool,
+    backend: Backend,
+    /// SQLite has one writer; taking turns in-process avoids SQLITE_BUSY when
+    /// a deferred transaction upgrades to a write.
+    write_turn: Mutex<()>,
+}
+
+/// The URL of the default SQLite registry in a data directory.
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+impl Registry {
+    /// Connects and brings the schema up to date. For SQLite: WAL,
+    /// `synchronous=FULL` (an issued certificate survives a power cut),
+    /// foreign keys on.
+    pub async fn open(url: &str) -> Result<Registry, RegistryError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(RegistryError::UnsupportedUrl(url.to_owned()));
+        };
+        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        options = match backend {
+            Backend::Sqlite => options.max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::raw_sql(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                    )
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            }),
+            Backend::Postgres => options.max_connections(16),
+        };
+        let pool = options.connect(url).await?;
+        let registry = Registry {
+            pool,
+            backend,
+            write_turn: Mutex::new(()),
+        };
+        registry.migrate().await?;
+        Ok(registry)
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn migrate(&self) -> Result<(), RegistryError> {
+        let _turn = self.write_turn.lock().await;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS idgate_schema (version BIGINT PRIMARY KEY, \
+             name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM idgate_schema")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        if current > latest {
+            return Err(RegistryError::SchemaTooNew(current, latest));
+        }
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let mut tx = self.pool.begin().await?;
+            // Another replica may be migrating the same PostgreSQL database:
+            // the version row's primary key makes the loser roll back.
+            sqlx::query("INSERT INTO idgate_schema (version, name, applied_at) VALUES ($1, $2, $3)")
+                .bind(*version)
+                .bind(*name)
+                .bind(now())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Registers a device with its owner and sealed enrollment credential, and
+    /// audits it, in one transaction.
+    pub async fn add_device(
+        &self,
+        device: &NewDevice,
+        sealed_secret: &[u8],
+        at: i64,
+    ) -> Result<(), RegistryError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM devices WHERE id = $1")
+            .bind(&device.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(RegistryError::DeviceExists(device.id.clone()));
+        }
+        let owner_known = sqlx::query("SELECT 1 FROM owners WHERE email = $1")
+            .bind(&device.owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if owner_known.is_none() {
+            sqlx::query("INSERT INTO owners (email, created_at) VALUES ($1, $2)")
+                .bind(&device.owner)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO devices (id, owner, site, model, status, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $6)",
+        )
+        .bind(&device.id)
+        .bind(&device.owner)
+        .bind(&device.site)
+        .bind(device.model.clone())
+        .bind(&device.created_by)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO enrollment_credentials (device_id, kind, secret, created_at) \
+             VALUES ($1, 'token', $2, $3)",
+        )
+        .bind(&device.id)
+        .bind(sealed_secret.to_vec())
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let detail = format!(
+            "owner={} site={} model={}",
+            device.owner,
+            device.site,
+            device.model.as_deref().unwrap_or("-")
+        );
+        insert_audit(
+            &mut tx,
+            &AuditEntry::new(at, &device.created_by, "device.add")
+                .device(&device.id)
+                .detail(detail),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &str) -> Result<Option<Device>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT id, owner, site, model, status, created_by, created_at, updated_at \
+             FROM devices WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    /// Devices matching `filter`, by id.
+    pub async fn list_devices(&self, filter: &DeviceFilter) -> Result<Vec<Device>, RegistryError> {
+        let mut sql = String::from(
+            "SELECT id, owner, site, model, status, created_by, created_at, updated_at \
+             FROM devices WHERE 1 = 1",
+        );
+        let mut values: Vec<String> = Vec::new();
+        for (column, value) in [
+            ("site", filter.site.clone()),
+            ("owner", filter.owner.clone()),
+            ("status", filter.status.map(|s| s.as_str().to_owned())),
+        ] {
+            if let Some(value) = value {
+                values.push(value);
+                sql.push_str(&format!(" AND {column} = ${}", values.len()));
+            }
+        }
+        sql.push_str(" ORDER BY id");
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for value in values {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// The device's enrollment credential.
+    pub async fn credential(&self, device_id: &str) -> Result<Option<Credential>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT kind, secret, used_at FROM enrollment_credentials WHERE device_id = $1",
+        )
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => None,
+            Some(row) => Some(Credential {
+                kind: row.try_get("kind")?,
+                secret: row.try_get("secret")?,
+                used_at: row.try_get("used_at")?,
+            }),
+        })
+    }
+
+    /// The device that `key_fingerprint` is bound to, if any.
+    pub async fn key_owner(&self, key_fingerprint: &[u8]) -> Result<Option<String>, RegistryError> {
+        let row = sqlx::query("SELECT device_id FROM device_keys WHERE key_fingerprint = $1")
+            .bind(key_fingerprint.to_vec())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("device_id")).transpose()?)
+    }
+
+    /// The answer given to an earlier request with this rid, if any.
+    pub async fn prior_request(
+        &self,
+        device_id: &str,
+        op: &str,
+        rid: &str,
+    ) -> Result<Option<PriorRequest>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT r.csr_sha256, c.serial, c.device_id, c.key_fingerprint, c.not_before, \
+             c.not_after, c.issued_at, c.der, c.revoked_at, c.revocation_reason \
+             FROM requests r JOIN certificates c ON c.serial = r.serial \
+             WHERE r.device_id = $1 AND r.op = $2 AND r.rid = $3",
+        )
+        .bind(device_id)
+        .bind(op)
+        .bind(rid)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => None,
+            Some(row) => Some(PriorRequest {
+                csr_sha256: row.try_get("csr_sha256")?,
+                certificate: certificate_from_row(&row)?,
+            }),
+        })
+    }
+
+    /// Records an enrollment: consumes the token, activates the device, binds
+    /// the key, stores the certificate and the request, and audits it, all in
+    /// one durable transaction. Nothing is written if any step is refused.
+    pub async fn record_enrollment(
+        &self,
+        issuance: &Issuance,
+        audit: &AuditEntry,
+    ) -> Result<(), IssuanceError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
+        let certificate = &issuance.certificate;
+        let device_id = &certificate.device_id;
+        let at = certificate.issued_at;
+        let db = |e: sqlx::Error| IssuanceError::Registry(e.into());
+
+        let taken = sqlx::query("SELECT 1 FROM requests WHERE device_id = $1 AND op = $2 AND rid = $3")
+            .bind(device_id)
+            .bind(issuance.op)
+            .bind(&issuance.rid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if taken.is_some() {
+            return Err(IssuanceError::RidTaken);
+        }
+        let used = sqlx::query(
+            "UPDATE enrollment_credentials SET used_at = $1 WHERE device_id = $2 AND used_at IS NULL",
+        )
+        .bind(at)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if used.rows_affected() != 1 {
+            return Err(IssuanceError::TokenUsed);
+        }
+        let activated = sqlx::query(
+            "UPDATE devices SET status = 'active', updated_at = $1 WHERE id = $2 AND status = 'pending'",
+        )
+        .bind(at)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if activated.rows_affected() != 1 {
+            return Err(IssuanceError::NotPending);
+        }
+        let bound: Option<String> = sqlx::query("SELECT device_id FROM device_keys WHERE key_fingerprint = $1")
+            .bind(certificate.key_fingerprint.clone())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?
+            .map(|r| r.try_get("device_id"))
+            .transpose()
+            .map_err(db)?;
+        match bound {
+            Some(owner) if owner != *device_id => return Err(IssuanceError::KeyReused),
+            Some(_) => {}
+            None => {
+                let inserted = sqlx::query(
+                    "INSERT INTO device_keys (key_fingerprint, device_id, bound_at) VALUES ($1, $2, $3)",
+                )
+                .bind(certificate.key_fingerprint.clone())
+                .bind(device_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await;
+                if let Err(e) = inserted {
+                    // A concurrent enrollment on another replica bound it first.
+                    let unique = e
+                        .as_database_error()
+                        .is_some_and(|d| d.is_unique_violation());
+                    return Err(if unique { IssuanceError::KeyReused } else { db(e) });
+                }
+            }
+        }
+        sqlx::query(
+            "INSERT INTO certificates (serial, device_id, key_fingerprint, not_before, not_after, \
+             issued_at, der) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&certificate.serial)
+        .bind(device_id)
+        .bind(certificate.key_fingerprint.clone())
+        .bind(certificate.not_before)
+        .bind(certificate.not_after)
+        .bind(at)
+        .bind(certificate.der.clone())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO requests (device_id, op, rid, csr_sha256, serial, at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(device_id)
+        .bind(issuance.op)
+        .bind(&issuance.rid)
+        .bind(issuance.csr_sha256.clone())
+        .bind(&certificate.serial)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    /// Appends an audit entry on its own.
+    pub async fn audit(&self, entry: &AuditEntry) -> Result<(), RegistryError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await?;
+        insert_audit(&mut tx, entry).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The device's certificates, newest first.
+    pub async fn certificates(&self, device_id: &str) -> Result<Vec<CertificateRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
+             revoked_at, revocation_reason FROM certificates WHERE device_id = $1 \
+             ORDER BY issued_at DESC, serial",
+        )
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(certificate_from_row).collect()
+    }
+
+    /// The device's audit trail, oldest first.
+    pub async fn audit_trail(&self, device_id: &str) -> Result<Vec<AuditEntry>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, device_id, serial, outcome, detail FROM audit_log \
+             WHERE device_id = $1 ORDER BY id",
+        )
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditEntry {
+                    id: row.try_get("id")?,
+                    at: row.try_get("at")?,
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    device_id: row.try_get("device_id")?,
+                    serial: row.try_get("serial")?,
+                    outcome: row.try_get("outcome")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Number of certificates issued to a device (for tests and reports).
+    pub async fn certificate_count(&self, device_id: &str) -> Result<i64, RegistryError> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM certificates WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
+    }
+}
+
+async fn insert_audit(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entry: &AuditEntry,
+) -> Result<(), RegistryError> {
+    sqlx::query(
+        "INSERT INTO audit_log (id, at, actor, action, device_id, serial, outcome, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&entry.id)
+    .bind(entry.at)
+    .bind(&entry.actor)
+    .bind(&entry.action)
+    .bind(entry.device_id.clone())
+    .bind(entry.serial.clone())
+    .bind(&entry.outcome)
+    .bind(&entry.detail)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn device_from_row(row: &AnyRow) -> Result<Device, RegistryError> {
+    let status: String = row.try_get("status")?;
+    Ok(Device {
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        site: row.try_get("site")?,
+        model: row.try_get("model")?,
+        status: status.parse().map_err(RegistryError::Corrupt)?,
+        created_by: row.try_get("created_by")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn certificate_from_row(row: &AnyRow) -> Result<CertificateRecord, RegistryError> {
+    Ok(CertificateRecord {
+        serial: row.try_get("serial")?,
+        device_id: row.try_get("device_id")?,
+        key_fingerprint: row.try_get("key_fingerprint")?,
+        not_before: row.try_get("not_before")?,
+        not_after: row.try_get("not_after")?,
+        issued_at: row.try_get("issued_at")?,
+        der: row.try_get("der")?,
+        revoked_at: row.try_get("revoked_at")?,
+        revocation_reason: row.try_get("revocation_reason")?,
+    })
+}
+
+/// Now, unix seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

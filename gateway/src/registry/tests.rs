@@ -1,0 +1,201 @@
+//! Registry tests, each run on SQLite and on PostgreSQL.
+
+use super::*;
+use crate::testing::{TestDatabase, registry};
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::testing::TestDatabase::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::testing::TestDatabase::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    add_list_and_show,
+    duplicate_devices_are_refused,
+    enrollment_is_recorded_once,
+    keys_bind_to_one_device,
+    reopening_keeps_data_and_schema,
+);
+
+fn new_device(id: &str, site: &str, owner: &str) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        owner: owner.into(),
+        site: site.into(),
+        model: Some("th-1".into()),
+        created_by: "cli:test".into(),
+    }
+}
+
+fn issuance(device: &str, serial: &str, key: u8, rid: &str) -> Issuance {
+    Issuance {
+        certificate: CertificateRecord {
+            serial: serial.into(),
+            device_id: device.into(),
+            key_fingerprint: vec![key; 32],
+            not_before: 100,
+            not_after: 200,
+            issued_at: 150,
+            der: vec![0x30, 0x00],
+            revoked_at: None,
+            revocation_reason: None,
+        },
+        op: "enroll",
+        rid: rid.into(),
+        csr_sha256: vec![key; 32],
+    }
+}
+
+fn audit(device: &str) -> AuditEntry {
+    AuditEntry::new(150, format!("device:{device}"), "enroll").device(device)
+}
+
+async fn add_list_and_show(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else { return };
+    registry
+        .add_device(&new_device("d1", "berlin", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    registry
+        .add_device(&new_device("d2", "paris", "a@x.io"), b"sealed", 11)
+        .await
+        .unwrap();
+    registry
+        .add_device(&new_device("d3", "berlin", "b@x.io"), b"sealed", 12)
+        .await
+        .unwrap();
+
+    let all = registry.list_devices(&DeviceFilter::default()).await.unwrap();
+    assert_eq!(all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d1", "d2", "d3"]);
+    let filter = DeviceFilter {
+        site: Some("berlin".into()),
+        owner: Some("b@x.io".into()),
+        status: Some(DeviceStatus::Pending),
+    };
+    let found = registry.list_devices(&filter).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, "d3");
+    let active = DeviceFilter {
+        status: Some(DeviceStatus::Active),
+        ..Default::default()
+    };
+    assert!(registry.list_devices(&active).await.unwrap().is_empty());
+
+    let d1 = registry.device("d1").await.unwrap().unwrap();
+    assert_eq!(d1.status, DeviceStatus::Pending);
+    assert_eq!(d1.model.as_deref(), Some("th-1"));
+    assert_eq!(d1.created_at, 10);
+    assert!(registry.device("nope").await.unwrap().is_none());
+
+    let credential = registry.credential("d1").await.unwrap().unwrap();
+    assert_eq!(credential.secret, b"sealed");
+    assert_eq!(credential.used_at, None);
+
+    let trail = registry.audit_trail("d1").await.unwrap();
+    assert_eq!(trail.len(), 1);
+    assert_eq!(trail[0].action, "device.add");
+    assert_eq!(trail[0].actor, "cli:test");
+}
+
+async fn duplicate_devices_are_refused(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else { return };
+    registry
+        .add_device(&new_device("d1", "s", "a@x.io"), b"one", 10)
+        .await
+        .unwrap();
+    let again = registry
+        .add_device(&new_device("d1", "other", "b@x.io"), b"two", 11)
+        .await;
+    assert!(matches!(again, Err(RegistryError::DeviceExists(id)) if id == "d1"));
+    let d1 = registry.device("d1").await.unwrap().unwrap();
+    assert_eq!(d1.site, "s", "the first registration is untouched");
+    assert_eq!(registry.credential("d1").await.unwrap().unwrap().secret, b"one");
+}
+
+async fn enrollment_is_recorded_once(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else { return };
+    registry
+        .add_device(&new_device("d1", "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    registry
+        .record_enrollment(&issuance("d1", "4001", 1, "r1"), &audit("d1"))
+        .await
+        .unwrap();
+
+    let device = registry.device("d1").await.unwrap().unwrap();
+    assert_eq!(device.status, DeviceStatus::Active);
+    assert_eq!(registry.credential("d1").await.unwrap().unwrap().used_at, Some(150));
+    let prior = registry.prior_request("d1", "enroll", "r1").await.unwrap().unwrap();
+    assert_eq!(prior.certificate.serial, "4001");
+    assert_eq!(prior.csr_sha256, vec![1; 32]);
+    assert!(registry.prior_request("d1", "enroll", "r2").await.unwrap().is_none());
+
+    // The same rid again, and a second enrollment with a new rid: both refused,
+    // and nothing more is written.
+    assert!(matches!(
+        registry
+            .record_enrollment(&issuance("d1", "4002", 2, "r1"), &audit("d1"))
+            .await,
+        Err(IssuanceError::RidTaken)
+    ));
+    assert!(matches!(
+        registry
+            .record_enrollment(&issuance("d1", "4003", 3, "r2"), &audit("d1"))
+            .await,
+        Err(IssuanceError::TokenUsed)
+    ));
+    assert_eq!(registry.certificate_count("d1").await.unwrap(), 1);
+    let certificates = registry.certificates("d1").await.unwrap();
+    assert_eq!(certificates[0].der, vec![0x30, 0x00]);
+    assert_eq!(registry.audit_trail("d1").await.unwrap().len(), 2);
+}
+
+async fn keys_bind_to_one_device(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else { return };
+    for id in ["d1", "d2"] {
+        registry
+            .add_device(&new_device(id, "s", "a@x.io"), b"sealed", 10)
+            .await
+            .unwrap();
+    }
+    registry
+        .record_enrollment(&issuance("d1", "4001", 7, "r"), &audit("d1"))
+        .await
+        .unwrap();
+    assert_eq!(registry.key_owner(&[7; 32]).await.unwrap().as_deref(), Some("d1"));
+    let reused = registry
+        .record_enrollment(&issuance("d2", "4002", 7, "r"), &audit("d2"))
+        .await;
+    assert!(matches!(reused, Err(IssuanceError::KeyReused)));
+    let d2 = registry.device("d2").await.unwrap().unwrap();
+    assert_eq!(d2.status, DeviceStatus::Pending, "the refused enrollment rolled back");
+    assert_eq!(registry.credential("d2").await.unwrap().unwrap().used_at, None);
+    assert_eq!(registry.certificate_count("d2").await.unwrap(), 0);
+}
+
+async fn reopening_keeps_data_and_schema(db: TestDatabase) {
+    let Some((registry, keep)) = registry(db).await else { return };
+    registry
+        .add_device(&new_device("d1", "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    registry.close().await;
+    let again = Registry::open(&keep.url).await.unwrap();
+    assert!(again.device("d1").await.unwrap().is_some());
+}
