@@ -1,2 +1,194 @@
-//! Hardware traits (placeholder).
+//! The hardware traits the idgate firmware agent is generic over, in the style of
+//! `embedded-hal`: each trait names its error type through [`ErrorType`], and
+//! every error can be reduced to a portable [`ErrorKind`] so the agent can report
+//! a fault without knowing which chip raised it.
+//!
+//! Implementations live elsewhere: `idgate-sim` for the host, the board crates for
+//! real devices. Only the key store exists so far; flash, clock and RNG follow.
 #![no_std]
+
+use core::fmt;
+
+/// Uncompressed SEC1 P-256 public key: `04 || X || Y` (the same layout as
+/// `idgate_pki::csr::P256PublicKey`).
+pub type P256PublicKey = [u8; 65];
+/// ECDSA P-256 signature as fixed-size `r || s`, big-endian.
+pub type P256Signature = [u8; 64];
+
+/// A hardware error that can say, portably, what kind of failure it was.
+pub trait Error: fmt::Debug {
+    /// The portable kind of this error.
+    fn kind(&self) -> ErrorKind;
+}
+
+impl Error for core::convert::Infallible {
+    fn kind(&self) -> ErrorKind {
+        match *self {}
+    }
+}
+
+/// Portable kinds of hardware failure. New kinds may be added; match with a
+/// wildcard arm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The addressed key slot holds no key.
+    NoKey,
+    /// The device is busy or did not answer in time; the operation may succeed
+    /// if repeated.
+    Busy,
+    /// Talking to the device failed (bus error, bad checksum, protocol error).
+    Communication,
+    /// Persistent storage behind the device failed (worn out, write failed).
+    Storage,
+    /// Anything else; the implementation's own error carries the details.
+    Other,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::NoKey => "the key slot is empty",
+            ErrorKind::Busy => "the device is busy",
+            ErrorKind::Communication => "communication with the device failed",
+            ErrorKind::Storage => "the device's storage failed",
+            ErrorKind::Other => "the device failed",
+        })
+    }
+}
+
+impl Error for ErrorKind {
+    fn kind(&self) -> ErrorKind {
+        *self
+    }
+}
+
+/// Names the error type shared by a driver's traits.
+pub trait ErrorType {
+    /// The driver's error.
+    type Error: Error;
+}
+
+impl<T: ErrorType + ?Sized> ErrorType for &mut T {
+    type Error = T::Error;
+}
+
+/// Which key of a [`KeyStore`] an operation addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeySlot {
+    /// The key the device's current certificate is for.
+    Current,
+    /// A staged key waiting for its certificate; it becomes current once one is
+    /// issued, so a failed or abandoned renewal never loses the working key.
+    Next,
+}
+
+/// A P-256 key store that may be a secure element: it creates keys, signs
+/// digests and reports public keys, and never reveals a private key.
+///
+/// Two slots make key rotation safe: a new key is generated into [`KeySlot::Next`],
+/// its certificate is requested, and only when the certificate has arrived is the
+/// key promoted to [`KeySlot::Current`]. A power cut anywhere in between leaves
+/// the device with a working key.
+pub trait KeyStore: ErrorType {
+    /// Generates a fresh key into the staging slot, replacing any key there, and
+    /// returns its public key.
+    fn generate_next(&mut self) -> Result<P256PublicKey, Self::Error>;
+
+    /// The public key in `slot`.
+    fn public_key(&self, slot: KeySlot) -> Result<P256PublicKey, Self::Error>;
+
+    /// Signs a SHA-256 digest with the key in `slot` (ECDSA, no further hashing).
+    fn sign_digest(
+        &mut self,
+        slot: KeySlot,
+        digest: &[u8; 32],
+    ) -> Result<P256Signature, Self::Error>;
+
+    /// Makes the staged key current, discarding the old current key; the staging
+    /// slot is then empty.
+    fn promote_next(&mut self) -> Result<(), Self::Error>;
+}
+
+impl<T: KeyStore + ?Sized> KeyStore for &mut T {
+    fn generate_next(&mut self) -> Result<P256PublicKey, Self::Error> {
+        T::generate_next(self)
+    }
+
+    fn public_key(&self, slot: KeySlot) -> Result<P256PublicKey, Self::Error> {
+        T::public_key(self, slot)
+    }
+
+    fn sign_digest(
+        &mut self,
+        slot: KeySlot,
+        digest: &[u8; 32],
+    ) -> Result<P256Signature, Self::Error> {
+        T::sign_digest(self, slot, digest)
+    }
+
+    fn promote_next(&mut self) -> Result<(), Self::Error> {
+        T::promote_next(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that only counts calls, to show the `&mut` forwarding works.
+    #[derive(Debug, Default)]
+    struct Counting {
+        promoted: u32,
+    }
+
+    impl ErrorType for Counting {
+        type Error = ErrorKind;
+    }
+
+    impl KeyStore for Counting {
+        fn generate_next(&mut self) -> Result<P256PublicKey, ErrorKind> {
+            Ok([4; 65])
+        }
+        fn public_key(&self, slot: KeySlot) -> Result<P256PublicKey, ErrorKind> {
+            match slot {
+                KeySlot::Current => Err(ErrorKind::NoKey),
+                KeySlot::Next => Ok([4; 65]),
+            }
+        }
+        fn sign_digest(&mut self, _: KeySlot, _: &[u8; 32]) -> Result<P256Signature, ErrorKind> {
+            Err(ErrorKind::Busy)
+        }
+        fn promote_next(&mut self) -> Result<(), ErrorKind> {
+            self.promoted += 1;
+            Ok(())
+        }
+    }
+
+    fn rotate(mut store: impl KeyStore) -> Result<(), ErrorKind> {
+        store.generate_next().map_err(|e| e.kind())?;
+        store.promote_next().map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn mutable_references_forward() {
+        let mut store = Counting::default();
+        rotate(&mut store).unwrap();
+        rotate(&mut store).unwrap();
+        assert_eq!(store.promoted, 2);
+        assert_eq!(
+            (&mut store)
+                .public_key(KeySlot::Current)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NoKey
+        );
+        assert_eq!(
+            store
+                .sign_digest(KeySlot::Next, &[0; 32])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Busy
+        );
+    }
+}

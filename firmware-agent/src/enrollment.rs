@@ -1,0 +1,716 @@
+//! The enrollment state machine: first certificate for a fresh key, proven with
+//! the device's one-time enrollment token. Sans-IO: the caller moves the bytes
+//! between it and an MQTT client and tells it the time.
+//!
+//! ```text
+//!   start ──► ExpectCertificate ──accepted──► Enrolled
+//!                  │    ▲  │
+//!        timeout ──┘    │  ├──rejected (final)──► Rejected
+//!   (retransmit, same   │  └──last attempt timed out──► GaveUp
+//!    bytes, same rid)   └── rejected `internal`: keep waiting
+//! ```
+//!
+//! Anyone on the broker may publish on our reply topics, so a reply changes the
+//! state only if it names our request id and, when accepted, certifies the very
+//! key we generated. Everything else is counted and ignored.
+
+use core::fmt;
+
+use idgate_hal::{KeySlot, KeyStore, P256PublicKey};
+use idgate_pki::csr::{CsrError, MAX_P256_CSR, build_p256_csr, p256_spki};
+use idgate_pki::der::certificate_spki;
+use idgate_pki::protocol::{
+    EnrollRequest, Format, IdError, Issued, MAX_CHAIN, MAX_TOPIC, Op, RejectCode, Rejected, Reply,
+    Topic, check_device_id, enrollment_proof,
+};
+
+use crate::error::{Error, HardwareError, KeyOperation, PeerError, UsageError};
+use crate::retry::{Jitter, RetryPolicy};
+use crate::rid::Rid;
+
+/// Largest device certificate (DER) the agent keeps.
+pub const MAX_CERTIFICATE: usize = 1024;
+/// Largest total size of the chain certificates (DER) the agent keeps.
+pub const MAX_CHAIN_BYTES: usize = 2048;
+/// Longest serial: 20 octets as lowercase hex.
+pub const MAX_SERIAL: usize = 40;
+/// Largest encoded enroll request: a CSR of at most [`MAX_P256_CSR`] bytes, a
+/// 64-character rid, a proof, and the CBOR framing around them.
+pub const MAX_REQUEST: usize = 512;
+/// Longest rejection code kept; longer (unknown) codes are cut.
+pub const MAX_REJECT_CODE: usize = 32;
+/// Longest rejection message kept; longer messages are cut.
+pub const MAX_REJECT_MESSAGE: usize = 128;
+
+// The request must fit whatever the CSR builder produces.
+const _: () = assert!(MAX_REQUEST >= MAX_P256_CSR + 64 + 32 + 32);
+
+/// A certificate serial number: lowercase hex, at most 20 octets.
+pub type Serial = heapless::String<MAX_SERIAL>;
+/// A topic name.
+pub type TopicName = heapless::String<MAX_TOPIC>;
+
+/// What the caller supplies to start an enrollment.
+#[derive(Clone, Copy)]
+pub struct Config<'a> {
+    /// The device's id, as registered at the gateway; also the CSR's CN.
+    pub device_id: &'a str,
+    /// The one-time enrollment token, exactly as printed (its ASCII bytes). It is
+    /// used once, to compute the proof, and not kept.
+    pub token: &'a [u8],
+    /// When to retransmit and when to give up.
+    pub retry: RetryPolicy,
+}
+
+impl fmt::Debug for Config<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token is a secret: never print it.
+        f.debug_struct("Config")
+            .field("device_id", &self.device_id)
+            .field("token", &"<redacted>")
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// A message to publish: the payload is in the caller's buffer, `..len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The topic to publish on.
+    pub topic: TopicName,
+    /// How many bytes of the buffer to publish.
+    pub len: usize,
+    /// 1 for the first transmission, then 2, 3, … (the payload never changes).
+    pub attempt: u32,
+}
+
+/// Something the firmware should know about; every event is final.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A certificate for the new key arrived and the key is now current. The
+    /// certificate and chain are available from [`Enrollment::certificate`] and
+    /// [`Enrollment::chain`].
+    Enrolled {
+        /// Serial number of the certificate.
+        serial: Serial,
+        /// Validity start, unix seconds.
+        not_before: u64,
+        /// Validity end, unix seconds.
+        not_after: u64,
+        /// The gateway's clock when it answered, unix seconds; a device without a
+        /// real-time clock can set its clock from this and `received_at_ms`.
+        gateway_time: u64,
+        /// The caller's `now_ms` when the reply arrived.
+        received_at_ms: u64,
+        /// Suggested renewal window start, unix seconds.
+        renew_after: u64,
+        /// Suggested renewal window end, unix seconds.
+        renew_before: u64,
+    },
+    /// The gateway refused the request for good.
+    Rejected(Rejection),
+    /// No answer came after the last attempt.
+    GaveUp {
+        /// How many times the request was sent.
+        attempts: u32,
+    },
+}
+
+/// A final rejection: the gateway's code and message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rejection {
+    code: heapless::String<MAX_REJECT_CODE>,
+    message: heapless::String<MAX_REJECT_MESSAGE>,
+}
+
+impl Rejection {
+    fn from_reply(reply: &Rejected<'_>) -> Rejection {
+        Rejection {
+            code: truncated(reply.code),
+            message: truncated(reply.message),
+        }
+    }
+
+    /// The code, if this version of the protocol knows it.
+    pub fn code(&self) -> Option<RejectCode> {
+        RejectCode::parse(&self.code)
+    }
+
+    /// The code as sent (cut to [`MAX_REJECT_CODE`] bytes).
+    pub fn code_str(&self) -> &str {
+        &self.code
+    }
+
+    /// The human-readable message (cut to [`MAX_REJECT_MESSAGE`] bytes).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejection")
+            .field("code", &self.code.as_str())
+            .field("message", &self.message.as_str())
+            .finish()
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Copies as much of `s` as fits, cutting at a character boundary.
+fn truncated<const N: usize>(s: &str) -> heapless::String<N> {
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = heapless::String::new();
+    // `end` is at most N bytes, the capacity.
+    let _ = out.push_str(&s[..end]);
+    out
+}
+
+/// The issuer certificates of a reply, packed into one fixed buffer.
+#[derive(Clone, Debug, Default)]
+struct Chain {
+    bytes: heapless::Vec<u8, MAX_CHAIN_BYTES>,
+    ends: heapless::Vec<u16, MAX_CHAIN>,
+}
+
+impl Chain {
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let bytes = &self.bytes[..];
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let end = usize::from(end);
+            let certificate = bytes.get(start..end).unwrap_or_default();
+            start = end;
+            certificate
+        })
+    }
+}
+
+/// Waiting for the answer to our request; retransmitting it on timeouts.
+struct ExpectCertificate {
+    /// The encoded request, sent byte for byte the same every time so the
+    /// gateway's idempotence applies.
+    request: heapless::Vec<u8, MAX_REQUEST>,
+    attempts: u32,
+    deadline_ms: u64,
+    transmit_pending: bool,
+}
+
+/// Done: the certificate for our key.
+struct Enrolled {
+    certificate: heapless::Vec<u8, MAX_CERTIFICATE>,
+    chain: Chain,
+    serial: Serial,
+}
+
+impl Enrolled {
+    /// Copies what the device keeps out of a reply, or says why it cannot.
+    fn from_reply(issued: &Issued<'_>) -> Result<Enrolled, PeerError> {
+        let certificate = heapless::Vec::from_slice(issued.certificate)
+            .map_err(|_| PeerError::CertificateTooLarge)?;
+        let mut chain = Chain::default();
+        for certificate in &issued.chain {
+            chain
+                .bytes
+                .extend_from_slice(certificate)
+                .map_err(|_| PeerError::ChainTooLarge)?;
+            let end = u16::try_from(chain.bytes.len()).map_err(|_| PeerError::ChainTooLarge)?;
+            chain.ends.push(end).map_err(|_| PeerError::ChainTooLarge)?;
+        }
+        if issued.serial.is_empty()
+            || !issued
+                .serial
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(PeerError::BadSerial);
+        }
+        let mut serial = Serial::new();
+        serial
+            .push_str(issued.serial)
+            .map_err(|_| PeerError::BadSerial)?;
+        if issued.not_before > issued.not_after || issued.renew_after > issued.renew_before {
+            return Err(PeerError::BadValidity);
+        }
+        Ok(Enrolled {
+            certificate,
+            chain,
+            serial,
+        })
+    }
+}
+
+enum State {
+    ExpectCertificate(ExpectCertificate),
+    Enrolled(Enrolled),
+    Rejected,
+    GaveUp,
+}
+
+/// One enrollment: from a fresh key to a certificate for it.
+///
+/// Drive it like this: publish nothing until the [`subscriptions`](Self::subscriptions)
+/// are acknowledged, then loop: send everything [`poll_transmit`](Self::poll_transmit)
+/// hands out, feed every message received to [`handle_message`](Self::handle_message),
+/// call [`handle_timeout`](Self::handle_timeout) once [`poll_timeout`](Self::poll_timeout)
+/// has passed, and stop at the first [`poll_event`](Self::poll_event).
+///
+/// `K` may be a `&mut` to a key store. The whole machine lives in a few KiB of
+/// fixed buffers (see [`MAX_CERTIFICATE`], [`MAX_CHAIN_BYTES`], [`MAX_REQUEST`]).
+pub struct Enrollment<K> {
+    key_store: K,
+    device_id: heapless::String<{ idgate_pki::protocol::MAX_ID }>,
+    rid: Rid,
+    /// The key being certified (generated into the Next slot at start).
+    public_key: P256PublicKey,
+    request_topic: TopicName,
+    reply_topics: [TopicName; 2],
+    retry: RetryPolicy,
+    jitter: Jitter,
+    state: State,
+    events: heapless::Deque<Event, 2>,
+    ignored: u32,
+}
+
+impl<K: KeyStore> Enrollment<K> {
+    /// Generates a fresh key in the key store's staging slot, builds and signs a
+    /// CSR for it (CN = device id), computes the proof and encodes the request.
+    /// The first transmission is ready at once.
+    pub fn start(
+        config: &Config<'_>,
+        mut key_store: K,
+        rid: Rid,
+        now_ms: u64,
+    ) -> Result<Enrollment<K>, Error> {
+        check_device_id(config.device_id).map_err(UsageError::BadDeviceId)?;
+        if config.token.is_empty() {
+            return Err(UsageError::EmptyToken.into());
+        }
+        config.retry.check()?;
+        let device_id = config.device_id;
+        let too_long = |_| UsageError::BadDeviceId(IdError::TooLong);
+        let request = Topic::request(device_id, Op::Enroll, Format::Cbor);
+        let request_topic = request.to_heapless().map_err(too_long)?;
+        let reply_topics = [
+            request
+                .with_reply(Reply::Accepted)
+                .to_heapless()
+                .map_err(too_long)?,
+            request
+                .with_reply(Reply::Rejected)
+                .to_heapless()
+                .map_err(too_long)?,
+        ];
+
+        let public_key = key_store
+            .generate_next()
+            .map_err(|e| key_error(KeyOperation::Generate, &e))?;
+        let mut csr = [0u8; MAX_P256_CSR];
+        let csr_len = build_p256_csr(
+            device_id,
+            &public_key,
+            |digest| key_store.sign_digest(KeySlot::Next, digest),
+            &mut csr,
+        )
+        .map_err(|e| match e {
+            CsrError::Sign(e) => key_error(KeyOperation::Sign, &e),
+            CsrError::BadPublicKey => HardwareError::BadPublicKey.into(),
+            // A checked device id (≤ 64 bytes) always fits MAX_P256_CSR.
+            CsrError::BufferTooSmall => UsageError::BadDeviceId(IdError::TooLong).into(),
+        })?;
+        let csr = &csr[..csr_len];
+        let proof = enrollment_proof(config.token, csr);
+        let mut buf = [0u8; MAX_REQUEST];
+        let len = EnrollRequest {
+            rid: rid.as_str(),
+            csr,
+            proof: &proof,
+        }
+        .encode_cbor(&mut buf)
+        .map_err(|_| UsageError::BadRid(IdError::TooLong))?;
+        let request = heapless::Vec::from_slice(&buf[..len])
+            .map_err(|_| UsageError::BadRid(IdError::TooLong))?;
+
+        let mut jitter = Jitter::seeded_from(rid.as_str().as_bytes());
+        let deadline_ms = now_ms.saturating_add(config.retry.timeout_ms(1, &mut jitter));
+        let mut id = heapless::String::new();
+        id.push_str(device_id)
+            .map_err(|_| UsageError::BadDeviceId(IdError::TooLong))?;
+        debug!("enroll: request ready, rid {}", rid.as_str());
+        Ok(Enrollment {
+            key_store,
+            device_id: id,
+            rid,
+            public_key,
+            request_topic,
+            reply_topics,
+            retry: config.retry,
+            jitter,
+            state: State::ExpectCertificate(ExpectCertificate {
+                request,
+                attempts: 1,
+                deadline_ms,
+                transmit_pending: true,
+            }),
+            events: heapless::Deque::new(),
+            ignored: 0,
+        })
+    }
+
+    /// The topics to subscribe to (accepted, rejected) before the first transmission.
+    pub fn subscriptions(&self) -> &[TopicName; 2] {
+        &self.reply_topics
+    }
+
+    /// The topic requests are published on.
+    pub fn request_topic(&self) -> &str {
+        &self.request_topic
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// The request id.
+    pub fn rid(&self) -> &Rid {
+        &self.rid
+    }
+
+    /// The public key being certified (in the Next slot until enrolled, then current).
+    pub fn public_key(&self) -> &P256PublicKey {
+        &self.public_key
+    }
+
+    /// How many times the request has been handed out for sending so far, or
+    /// is about to be.
+    pub fn attempts(&self) -> Option<u32> {
+        match &self.state {
+            State::ExpectCertificate(waiting) => Some(waiting.attempts),
+            _ => None,
+        }
+    }
+
+    /// Whether the enrollment has ended, one way or another.
+    pub fn is_finished(&self) -> bool {
+        !matches!(self.state, State::ExpectCertificate(_))
+    }
+
+    /// How many incoming messages were ignored (each also returned an error).
+    pub fn ignored_messages(&self) -> u32 {
+        self.ignored
+    }
+
+    /// The issued certificate (DER), once enrolled.
+    pub fn certificate(&self) -> Option<&[u8]> {
+        match &self.state {
+            State::Enrolled(enrolled) => Some(&enrolled.certificate),
+            _ => None,
+        }
+    }
+
+    /// The issuer certificates (DER), issuer of the device certificate first;
+    /// empty until enrolled.
+    pub fn chain(&self) -> impl Iterator<Item = &[u8]> {
+        let chain = match &self.state {
+            State::Enrolled(enrolled) => Some(enrolled.chain.iter()),
+            _ => None,
+        };
+        chain.into_iter().flatten()
+    }
+
+    /// The serial of the issued certificate, once enrolled.
+    pub fn serial(&self) -> Option<&str> {
+        match &self.state {
+            State::Enrolled(enrolled) => Some(&enrolled.serial),
+            _ => None,
+        }
+    }
+
+    /// The key store.
+    pub fn key_store(&self) -> &K {
+        &self.key_store
+    }
+
+    /// Ends the enrollment and gives the key store back.
+    pub fn into_key_store(self) -> K {
+        self.key_store
+    }
+
+    /// The next message to publish, written into `buf`. The request is handed out
+    /// once per attempt.
+    pub fn poll_transmit(&mut self, buf: &mut [u8; MAX_REQUEST]) -> Option<Transmit> {
+        let State::ExpectCertificate(waiting) = &mut self.state else {
+            return None;
+        };
+        if !waiting.transmit_pending {
+            return None;
+        }
+        waiting.transmit_pending = false;
+        let len = waiting.request.len();
+        buf[..len].copy_from_slice(&waiting.request);
+        trace!("enroll: transmit attempt {}", waiting.attempts);
+        Some(Transmit {
+            topic: self.request_topic.clone(),
+            len,
+            attempt: waiting.attempts,
+        })
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called, in
+    /// the caller's milliseconds; `None` once finished.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match &self.state {
+            State::ExpectCertificate(waiting) => Some(waiting.deadline_ms),
+            _ => None,
+        }
+    }
+
+    /// Advances the clock: retransmits, or gives up after the last attempt.
+    /// Calling it early does nothing.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let State::ExpectCertificate(waiting) = &mut self.state else {
+            return;
+        };
+        if now_ms < waiting.deadline_ms {
+            return;
+        }
+        if waiting.attempts >= self.retry.max_attempts {
+            let attempts = waiting.attempts;
+            warn!("enroll: no answer after {} attempts, giving up", attempts);
+            self.finish(State::GaveUp, Event::GaveUp { attempts });
+            return;
+        }
+        waiting.attempts += 1;
+        waiting.transmit_pending = true;
+        let timeout = self.retry.timeout_ms(waiting.attempts, &mut self.jitter);
+        waiting.deadline_ms = now_ms.saturating_add(timeout);
+        debug!(
+            "enroll: no answer, retransmitting (attempt {})",
+            waiting.attempts
+        );
+    }
+
+    /// Takes a message received on any topic. `Ok` if it answered our request
+    /// (including a transient rejection, after which the agent keeps retrying);
+    /// `Err(Error::Peer(_))` if it was ignored; `Err(Error::Hardware(_))` if the
+    /// certificate was good but the key store failed to promote the key (the agent
+    /// keeps waiting, and the next retransmission fetches the same certificate).
+    pub fn handle_message(
+        &mut self,
+        now_ms: u64,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), Error> {
+        let result = self.dispatch(now_ms, topic, payload);
+        if let Err(Error::Peer(reason)) = &result {
+            self.ignored = self.ignored.saturating_add(1);
+            let _ = reason;
+            debug!("enroll: ignored a message ({} so far)", self.ignored);
+        }
+        result
+    }
+
+    /// The next event; each enrollment produces exactly one.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn dispatch(&mut self, now_ms: u64, topic: &str, payload: &[u8]) -> Result<(), Error> {
+        let topic = Topic::parse(topic).ok_or(PeerError::UnknownTopic)?;
+        if topic.device_id != self.device_id.as_str() {
+            return Err(PeerError::OtherDevice.into());
+        }
+        if topic.op != Op::Enroll || topic.format != Format::Cbor {
+            return Err(PeerError::NotOurReply.into());
+        }
+        let State::ExpectCertificate(_) = &self.state else {
+            return Err(PeerError::Finished.into());
+        };
+        match topic.reply {
+            Some(Reply::Accepted) => self.on_accepted(now_ms, payload),
+            Some(Reply::Rejected) => self.on_rejected(payload),
+            None => Err(PeerError::NotOurReply.into()),
+        }
+    }
+
+    fn on_accepted(&mut self, now_ms: u64, payload: &[u8]) -> Result<(), Error> {
+        let issued = Issued::decode_cbor(payload)?;
+        if issued.rid != self.rid.as_str() {
+            return Err(PeerError::OtherRid.into());
+        }
+        let spki = certificate_spki(issued.certificate).map_err(PeerError::BadCertificate)?;
+        if spki != p256_spki(&self.public_key) {
+            warn!("enroll: certificate for another key ignored");
+            return Err(PeerError::WrongKey.into());
+        }
+        let enrolled = Enrolled::from_reply(&issued)?;
+        // Only now is the new key worth keeping; before this the old one (if any)
+        // stays current.
+        self.key_store
+            .promote_next()
+            .map_err(|e| key_error(KeyOperation::Promote, &e))?;
+        info!("enroll: enrolled, serial {}", enrolled.serial.as_str());
+        let event = Event::Enrolled {
+            serial: enrolled.serial.clone(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            gateway_time: issued.time,
+            received_at_ms: now_ms,
+            renew_after: issued.renew_after,
+            renew_before: issued.renew_before,
+        };
+        self.finish(State::Enrolled(enrolled), event);
+        Ok(())
+    }
+
+    fn on_rejected(&mut self, payload: &[u8]) -> Result<(), Error> {
+        let rejected = Rejected::decode_cbor(payload)?;
+        // An empty rid means the gateway could not read a request; ours is always
+        // readable, so such a rejection answers someone else's bytes.
+        if rejected.rid != self.rid.as_str() {
+            return Err(PeerError::OtherRid.into());
+        }
+        match rejected.reject_code() {
+            Some(code) if code.is_transient() => {
+                // The gateway asks us to come back later with the same rid: the
+                // running retransmission timer does just that.
+                debug!("enroll: transient rejection, will retry");
+                Ok(())
+            }
+            _ => {
+                warn!("enroll: rejected: {}", rejected.code);
+                self.finish(
+                    State::Rejected,
+                    Event::Rejected(Rejection::from_reply(&rejected)),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self, state: State, event: Event) {
+        self.state = state;
+        // There is one final event per enrollment and room for two.
+        let _ = self.events.push_back(event);
+    }
+}
+
+fn key_error(operation: KeyOperation, e: &impl idgate_hal::Error) -> Error {
+    HardwareError::KeyStore {
+        operation,
+        kind: e.kind(),
+    }
+    .into()
+}
+
+impl<K> fmt::Debug for Enrollment<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::ExpectCertificate(_) => "ExpectCertificate",
+            State::Enrolled(_) => "Enrolled",
+            State::Rejected => "Rejected",
+            State::GaveUp => "GaveUp",
+        };
+        f.debug_struct("Enrollment")
+            .field("device_id", &self.device_id.as_str())
+            .field("rid", &self.rid)
+            .field("state", &state)
+            .field("ignored", &self.ignored)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_characters() {
+        let s: heapless::String<4> = truncated("abcé");
+        assert_eq!(s.as_str(), "abc");
+        let s: heapless::String<5> = truncated("abcé");
+        assert_eq!(s.as_str(), "abcé");
+        let s: heapless::String<4> = truncated("ab");
+        assert_eq!(s.as_str(), "ab");
+    }
+
+    #[test]
+    fn chains_unpack_in_order() {
+        let mut chain_in = heapless::Vec::new();
+        chain_in.push(&[1u8, 2, 3][..]).unwrap();
+        chain_in.push(&[4u8][..]).unwrap();
+        let issued = Issued {
+            rid: "r",
+            certificate: &[0x30, 0],
+            chain: chain_in,
+            serial: "01ab",
+            not_before: 1,
+            not_after: 2,
+            time: 1,
+            renew_after: 1,
+            renew_before: 2,
+        };
+        let enrolled = Enrolled::from_reply(&issued).unwrap();
+        let mut chain = enrolled.chain.iter();
+        assert_eq!(chain.next(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(chain.next(), Some(&[4u8][..]));
+        assert_eq!(chain.next(), None);
+
+        for (serial, ok) in [("", false), ("01AB", false), ("0g", false), ("00ff", true)] {
+            let issued = Issued {
+                serial,
+                ..issued.clone()
+            };
+            assert_eq!(Enrolled::from_reply(&issued).is_ok(), ok, "{serial}");
+        }
+        let long = [b'a'; MAX_SERIAL + 1];
+        let long = core::str::from_utf8(&long).unwrap();
+        let issued_long = Issued {
+            serial: long,
+            ..issued.clone()
+        };
+        assert_eq!(
+            Enrolled::from_reply(&issued_long).err(),
+            Some(PeerError::BadSerial)
+        );
+        let backwards = Issued {
+            not_before: 3,
+            ..issued.clone()
+        };
+        assert_eq!(
+            Enrolled::from_reply(&backwards).err(),
+            Some(PeerError::BadValidity)
+        );
+        let big = [0u8; MAX_CERTIFICATE + 1];
+        let too_big = Issued {
+            certificate: &big,
+            ..issued.clone()
+        };
+        assert_eq!(
+            Enrolled::from_reply(&too_big).err(),
+            Some(PeerError::CertificateTooLarge)
+        );
+        let big_chain = [0u8; MAX_CHAIN_BYTES / 2 + 1];
+        let mut chain_in = heapless::Vec::new();
+        chain_in.push(&big_chain[..]).unwrap();
+        chain_in.push(&big_chain[..]).unwrap();
+        let too_big = Issued {
+            chain: chain_in,
+            ..issued
+        };
+        assert_eq!(
+            Enrolled::from_reply(&too_big).err(),
+            Some(PeerError::ChainTooLarge)
+        );
+    }
+}
