@@ -5,7 +5,14 @@
 //! Modules by responsibility: [`authority`] is the one signing pipeline,
 //! [`provisioner`] the enrollment credentials, [`registry`] the database,
 //! [`broker`] the MQTT front (the only module that imports rumqttd),
-//! [`service`] the request loop between them, [`datadir`] the files on disk.
+//! [`service`] the request loop between them, [`datadir`] the files on disk,
+//! [`gateway`] all of them started together.
 
+pub mod authority;
+pub mod broker;
+pub mod datadir;
+pub mod gateway;
+pub mod provisioner;
 pub mod registry;
+pub mod service;
 pub mod testing;

@@ -1,0 +1,291 @@
+//! The one signing pipeline. Every certificate goes through the same fixed
+//! steps: authorize (device, request id, credential, proof) → check the CSR →
+//! build the profile and sign → record durably → answer. Nothing is sent before
+//! it is recorded, and every refusal is audited.
+
+use std::sync::Arc;
+
+use idgate_pki::ca::IssuingCa;
+use idgate_pki::check::check_csr;
+use idgate_pki::profile::Profile;
+use idgate_pki::protocol::RejectCode;
+use idgate_pki::wire::EnrollRequestBuf;
+use sha2::{Digest, Sha256};
+use tracing::{error, info, warn};
+
+use crate::provisioner::token::Tokens;
+use crate::registry::{
+    AuditEntry, CertificateRecord, DeviceStatus, Issuance, IssuanceError, Registry,
+};
+
+/// A refusal: the stable code for the device and a message for people. The
+/// message never carries internal causes (those go to the log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The code.
+    pub code: RejectCode,
+    /// The explanation.
+    pub message: String,
+}
+
+impl Rejection {
+    /// A rejection with `code` and `message`.
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn internal() -> Rejection {
+        Rejection::new(
+            RejectCode::Internal,
+            "the gateway could not complete the request; retry later with the same rid",
+        )
+    }
+}
+
+/// An issued (or re-sent) certificate and what the reply says about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The certificate record.
+    pub certificate: CertificateRecord,
+    /// The chain above it.
+    pub chain: Arc<Vec<Vec<u8>>>,
+    /// Suggested renewal window start.
+    pub renew_after: i64,
+    /// Suggested renewal window end.
+    pub renew_before: i64,
+}
+
+/// The issuing authority.
+#[derive(Debug)]
+pub struct Authority {
+    ca: IssuingCa,
+    chain: Arc<Vec<Vec<u8>>>,
+    profile: Profile,
+    registry: Arc<Registry>,
+    tokens: Tokens,
+}
+
+const ENROLL: &str = "enroll";
+
+impl Authority {
+    /// An authority signing with `ca` under `profile`, recording in `registry`.
+    pub fn new(
+        ca: IssuingCa,
+        chain: Vec<Vec<u8>>,
+        profile: Profile,
+        registry: Arc<Registry>,
+        tokens: Tokens,
+    ) -> Authority {
+        Authority {
+            ca,
+            chain: Arc::new(chain),
+            profile,
+            registry,
+            tokens,
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn answer(&self, certificate: CertificateRecord) -> Answer {
+        let lifetime = (certificate.not_after - certificate.issued_at).max(0);
+        Answer {
+            renew_after: certificate.issued_at + lifetime * 2 / 3,
+            renew_before: certificate.not_after - lifetime / 10,
+            certificate,
+            chain: self.chain.clone(),
+        }
+    }
+
+    /// Serves an `enroll` request from `device_id` (taken from the topic).
+    pub async fn enroll(
+        &self,
+        device_id: &str,
+        request: &EnrollRequestBuf,
+        now: i64,
+    ) -> Result<Answer, Rejection> {
+        match self.try_enroll(device_id, request, now).await {
+            Ok(answer) => Ok(answer),
+            Err(rejection) => {
+                self.audit_refusal(device_id, &request.rid, &rejection, now).await;
+                Err(rejection)
+            }
+        }
+    }
+
+    /// Audits a request refused before it could be decoded (`malformed`,
+    /// `too_large`); `rid` is empty when the payload carried none.
+    pub async fn audit_undecodable(&self, device_id: &str, rid: &str, rejection: &Rejection, now: i64) {
+        self.audit_refusal(device_id, rid, rejection, now).await;
+    }
+
+    async fn audit_refusal(&self, device_id: &str, rid: &str, rejection: &Rejection, now: i64) {
+        warn!(code = %rejection.code, reason = %rejection.message, "enrollment refused");
+        let entry = AuditEntry::new(now, format!("device:{device_id}"), ENROLL)
+            .device(device_id)
+            .outcome(rejection.code.as_str())
+            .detail(format!("rid={rid} {}", rejection.message));
+        if let Err(e) = self.registry.audit(&entry).await {
+            error!(error = %e, "could not audit a refusal");
+        }
+    }
+
+    async fn try_enroll(
+        &self,
+        device_id: &str,
+        request: &EnrollRequestBuf,
+        now: i64,
+    ) -> Result<Answer, Rejection> {
+        let internal = |e: &dyn std::fmt::Display| {
+            error!(error = %e, "registry failure during enrollment");
+            Rejection::internal()
+        };
+        let registry = &self.registry;
+        let device = registry
+            .device(device_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                Rejection::new(RejectCode::UnknownDevice, "no such device is registered")
+            })?;
+
+        let csr_sha256 = Sha256::digest(&request.csr).to_vec();
+        if let Some(prior) = registry
+            .prior_request(device_id, ENROLL, &request.rid)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            return self.repeat(prior, &csr_sha256);
+        }
+
+        let credential = registry
+            .credential(device_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                Rejection::new(
+                    RejectCode::DeviceNotPending,
+                    "the device has no enrollment credential",
+                )
+            })?;
+        if credential.used_at.is_some() {
+            return Err(Rejection::new(
+                RejectCode::TokenUsed,
+                "the enrollment token has already been used",
+            ));
+        }
+        if device.status != DeviceStatus::Pending {
+            return Err(Rejection::new(
+                RejectCode::DeviceNotPending,
+                format!("the device is {}, not pending", device.status),
+            ));
+        }
+        let proof_ok = self
+            .tokens
+            .verify(device_id, &credential.secret, &request.csr, &request.proof)
+            .map_err(|e| internal(&e))?;
+        if !proof_ok {
+            return Err(Rejection::new(
+                RejectCode::BadProof,
+                "the proof does not match this CSR and the device's token",
+            ));
+        }
+
+        let csr = check_csr(&request.csr).map_err(|e| Rejection::new(e.code(), e.to_string()))?;
+        if let Some(owner) = registry
+            .key_owner(&csr.key_fingerprint)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            if owner != device_id {
+                return Err(key_reused());
+            }
+        }
+
+        let issued = self
+            .ca
+            .issue(device_id, &csr, &self.profile, now)
+            .map_err(|e| internal(&e))?;
+        let record = CertificateRecord {
+            serial: issued.serial.to_string(),
+            device_id: device_id.to_owned(),
+            key_fingerprint: csr.key_fingerprint.to_vec(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            issued_at: now,
+            der: issued.der,
+            revoked_at: None,
+            revocation_reason: None,
+        };
+        let issuance = Issuance {
+            certificate: record.clone(),
+            op: ENROLL,
+            rid: request.rid.clone(),
+            csr_sha256: csr_sha256.clone(),
+        };
+        let audit = AuditEntry::new(now, format!("device:{device_id}"), ENROLL)
+            .device(device_id)
+            .serial(&record.serial)
+            .detail(format!(
+                "rid={} key={} not_after={}",
+                request.rid,
+                csr.key_type.as_str(),
+                record.not_after
+            ));
+        match registry.record_enrollment(&issuance, &audit).await {
+            Ok(()) => {
+                info!(serial = %record.serial, not_after = record.not_after, "certificate issued");
+                Ok(self.answer(record))
+            }
+            Err(IssuanceError::RidTaken) => {
+                // A duplicate of this request was answered while we signed.
+                let prior = registry
+                    .prior_request(device_id, ENROLL, &request.rid)
+                    .await
+                    .map_err(|e| internal(&e))?
+                    .ok_or_else(Rejection::internal)?;
+                self.repeat(prior, &csr_sha256)
+            }
+            Err(IssuanceError::TokenUsed) => Err(Rejection::new(
+                RejectCode::TokenUsed,
+                "the enrollment token has already been used",
+            )),
+            Err(IssuanceError::NotPending) => Err(Rejection::new(
+                RejectCode::DeviceNotPending,
+                "the device is no longer pending",
+            )),
+            Err(IssuanceError::KeyReused) => Err(key_reused()),
+            Err(IssuanceError::Registry(e)) => Err(internal(&e)),
+        }
+    }
+
+    /// Answers a repeated rid: the same certificate for the same CSR.
+    fn repeat(
+        &self,
+        prior: crate::registry::PriorRequest,
+        csr_sha256: &[u8],
+    ) -> Result<Answer, Rejection> {
+        if prior.csr_sha256 == csr_sha256 {
+            info!(serial = %prior.certificate.serial, "repeated rid: sending the same certificate");
+            Ok(self.answer(prior.certificate))
+        } else {
+            Err(Rejection::new(
+                RejectCode::RidConflict,
+                "this rid was used before with a different CSR",
+            ))
+        }
+    }
+}
+
+fn key_reused() -> Rejection {
+    Rejection::new(
+        RejectCode::KeyReused,
+        "this public key is already bound to another device",
+    )
+}

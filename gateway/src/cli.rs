@@ -1,0 +1,482 @@
+//! Command-line parsing and output for `idgate`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use idgate_gateway::datadir::{DataDir, read_text};
+use idgate_gateway::gateway::{Gateway, Settings};
+use idgate_gateway::registry::{DeviceFilter, DeviceStatus, NewDevice, Registry, now};
+use idgate_pki::ca::{pem_certificates, summarize};
+use idgate_pki::profile::Profile;
+use idgate_pki::protocol::check_device_id;
+
+/// idgate: device identity gateway (online intermediate CA over MQTT).
+#[derive(Debug, Parser)]
+#[command(name = "idgate", version, about)]
+struct Cli {
+    /// Data directory (CA, keys, SQLite registry).
+    #[arg(long, global = true, env = "IDGATE_DATA", default_value = "./idgate-data")]
+    data: PathBuf,
+    /// Registry URL: sqlite://PATH or postgres://… (default: DATA/registry.db).
+    #[arg(long, global = true, env = "IDGATE_DATABASE")]
+    database: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway: embedded MQTT broker with TLS and the enrollment service.
+    Serve(ServeArgs),
+    /// Manage the certificate authorities.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Register and inspect devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address devices connect to (MQTT over TLS). Port 0 picks a free port.
+    #[arg(long, default_value = "0.0.0.0:8883")]
+    mqtt_listen: SocketAddr,
+    /// Device certificate lifetime, e.g. 24h, 30m, 7d (5 minutes to 30 days).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a root CA and an issuing intermediate in the data directory.
+    Init,
+    /// Print the CA certificates: subjects, fingerprints, validity.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Register a device and print its one-time enrollment token.
+    Add {
+        /// Device id: 1–64 of A–Z a–z 0–9 . _ -, starting with a letter or digit.
+        id: String,
+        /// Owner's email.
+        #[arg(long)]
+        owner: String,
+        /// Site (building, plant, line…).
+        #[arg(long)]
+        site: String,
+        /// Device model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Print {"id", "token"} as JSON (for line tooling).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices.
+    List {
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only this status: pending, active, suspended, revoked, retired.
+        #[arg(long)]
+        status: Option<DeviceStatus>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device with its certificates and audit trail.
+    Show {
+        /// Device id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("idgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("idgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IDGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let data = DataDir::new(&cli.data);
+    let database = cli.database.clone();
+    match cli.command {
+        Command::Serve(args) => serve(data, database, args).await,
+        Command::Ca(CaCommand::Init) => {
+            data.init_ca()?;
+            println!("Created a CA in {}:", data.root().display());
+            print_ca(&data)?;
+            println!(
+                "\nThe root key {} is needed only to create issuing CAs: keep it offline.",
+                data.root_key().display()
+            );
+            Ok(())
+        }
+        Command::Ca(CaCommand::Show) => print_ca(&data),
+        Command::Device(command) => device(data, database, command).await,
+    }
+}
+
+async fn open_registry(data: &DataDir, database: Option<String>) -> Result<Registry> {
+    let url = match database {
+        Some(url) => url,
+        None => {
+            if !data.root().exists() {
+                bail!(
+                    "no data directory at {} (run `idgate ca init` or `idgate serve` first, or pass --data)",
+                    data.root().display()
+                );
+            }
+            data.default_database_url()
+        }
+    };
+    Registry::open(&url)
+        .await
+        .with_context(|| format!("opening the registry {}", redact(&url)))
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Result<()> {
+    let profile = Profile::new(args.cert_lifetime)?;
+    let mut settings = Settings::new(data.clone());
+    settings.database_url = database;
+    settings.mqtt_listen = args.mqtt_listen;
+    settings.profile = profile;
+    let gateway = Gateway::start(settings).await?;
+    if gateway.initialized() {
+        println!("Initialised a new data directory at {}.", data.root().display());
+    }
+    println!("idgate is serving.");
+    println!("  devices connect to   mqtts://{} (MQTT 3.1.1 or 5 over TLS)", gateway.mqtt_address());
+    println!("  devices trust        {}", data.root_certificate().display());
+    println!("  certificate lifetime {}", format_duration(args.cert_lifetime));
+    println!("Register a device:     idgate device add ID --owner EMAIL --site SITE --data {}", data.root().display());
+    println!(
+        "Enroll a test device:  idgate-sim enroll --broker 127.0.0.1:{} --ca {} --id ID --token TOKEN --out DIR",
+        gateway.mqtt_address().port(),
+        data.root_certificate().display()
+    );
+    wait_for_signal().await?;
+    eprintln!("idgate: shutting down (finishing requests in progress)");
+    gateway.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn print_ca(data: &DataDir) -> Result<()> {
+    if !data.has_ca() {
+        bail!(
+            "no CA in {} (run `idgate ca init --data {}`)",
+            data.root().display(),
+            data.root().display()
+        );
+    }
+    for (label, path) in [
+        ("Root CA", data.root_certificate()),
+        ("Issuing CA", data.issuing_certificate()),
+    ] {
+        let der = pem_certificates(&read_text(&path)?)?.remove(0);
+        let summary = summarize(&der)?;
+        println!("{label} ({})", path.display());
+        println!("  subject      {}", summary.subject);
+        println!("  issuer       {}", summary.issuer);
+        println!("  serial       {}", summary.serial);
+        println!("  SHA-256      {}", summary.fingerprint_sha256);
+        println!("  valid from   {}", format_time(summary.not_before));
+        println!("  valid until  {}", format_time(summary.not_after));
+        if let Some(path_len) = summary.ca {
+            match path_len {
+                Some(n) => println!("  CA           yes, path length {n}"),
+                None => println!("  CA           yes, no path length limit"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_owner(owner: &str) -> Result<()> {
+    let mut parts = owner.split('@');
+    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("owner must be an email address (one '@'), got {owner:?}");
+    };
+    if local.is_empty()
+        || domain.is_empty()
+        || owner.len() > 254
+        || owner.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        bail!("owner must be an email address, got {owner:?}");
+    }
+    Ok(())
+}
+
+fn check_label(what: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() || value.len() > 128 || value.chars().any(char::is_control) {
+        bail!("{what} must be 1–128 printable characters, got {value:?}");
+    }
+    Ok(())
+}
+
+async fn device(data: DataDir, database: Option<String>, command: DeviceCommand) -> Result<()> {
+    match command {
+        DeviceCommand::Add {
+            id,
+            owner,
+            site,
+            model,
+            json,
+        } => {
+            check_device_id(&id).map_err(|e| anyhow::anyhow!("device id {id:?} {e}"))?;
+            check_owner(&owner)?;
+            check_label("site", &site)?;
+            if let Some(model) = &model {
+                check_label("model", model)?;
+            }
+            if !data.has_ca() {
+                bail!(
+                    "no CA in {} (run `idgate ca init --data {}` or `idgate serve` first)",
+                    data.root().display(),
+                    data.root().display()
+                );
+            }
+            let tokens = data.tokens()?;
+            let registry = open_registry(&data, database).await?;
+            let new = tokens.generate(&id);
+            let device = NewDevice {
+                id: id.clone(),
+                owner: owner.clone(),
+                site: site.clone(),
+                model,
+                created_by: actor(),
+            };
+            registry.add_device(&device, &new.sealed, now()).await?;
+            registry.close().await;
+            if json {
+                println!("{}", serde_json::json!({ "id": id, "token": new.token }));
+            } else {
+                println!("Registered device {id} (owner {owner}, site {site}), status pending.");
+                println!("One-time enrollment token (shown only now; give it to the device):");
+                println!("{}", new.token);
+            }
+            Ok(())
+        }
+        DeviceCommand::List {
+            site,
+            owner,
+            status,
+            json,
+        } => {
+            let registry = open_registry(&data, database).await?;
+            let devices = registry
+                .list_devices(&DeviceFilter {
+                    site,
+                    owner,
+                    status,
+                })
+                .await?;
+            registry.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                println!("{:<24} {:<10} {:<28} {:<16} MODEL", "ID", "STATUS", "OWNER", "SITE");
+                for d in &devices {
+                    println!(
+                        "{:<24} {:<10} {:<28} {:<16} {}",
+                        d.id,
+                        d.status,
+                        d.owner,
+                        d.site,
+                        d.model.as_deref().unwrap_or("-")
+                    );
+                }
+                println!("{} device(s)", devices.len());
+            }
+            Ok(())
+        }
+        DeviceCommand::Show { id, json } => {
+            let registry = open_registry(&data, database).await?;
+            let Some(device) = registry.device(&id).await? else {
+                bail!("no device {id:?} is registered");
+            };
+            let certificates = registry.certificates(&id).await?;
+            let audit = registry.audit_trail(&id).await?;
+            registry.close().await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "device": device,
+                        "certificates": certificates,
+                        "audit": audit,
+                    }))?
+                );
+                return Ok(());
+            }
+            println!("Device {}", device.id);
+            println!("  status      {}", device.status);
+            println!("  owner       {}", device.owner);
+            println!("  site        {}", device.site);
+            println!("  model       {}", device.model.as_deref().unwrap_or("-"));
+            println!("  registered  {} by {}", format_time(device.created_at), device.created_by);
+            println!("Certificates ({})", certificates.len());
+            for c in &certificates {
+                let state = match (&c.revoked_at, c.not_after < now()) {
+                    (Some(_), _) => "revoked",
+                    (None, true) => "expired",
+                    (None, false) => "valid",
+                };
+                println!(
+                    "  {}  {}  {} → {}",
+                    c.serial,
+                    state,
+                    format_time(c.not_before),
+                    format_time(c.not_after)
+                );
+            }
+            println!("Audit trail ({})", audit.len());
+            for a in &audit {
+                println!(
+                    "  {}  {:<12} {:<20} {:<18} {}",
+                    format_time(a.at),
+                    a.action,
+                    a.actor,
+                    a.outcome,
+                    a.detail
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn actor() -> String {
+    format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+}
+
+fn format_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?}: add a unit: s, m, h or d"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 24h"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+fn format_duration(duration: Duration) -> String {
+    let s = duration.as_secs();
+    match s {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("24").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("3w").is_err());
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");
+    }
+
+    #[test]
+    fn owners_must_look_like_email() {
+        assert!(check_owner("facilities@example.com").is_ok());
+        for bad in ["", "nobody", "a@", "@b", "a@b@c", "a b@c", "a@b\n"] {
+            assert!(check_owner(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://idgate:s3cret@db:5432/idgate"),
+            "postgres://idgate@db:5432/idgate"
+        );
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}
