@@ -58,7 +58,7 @@ impl FromStr for Serial {
     fn from_str(s: &str) -> Result<Serial, BadSerial> {
         let s = s.trim().trim_start_matches("0x");
         let s: String = s.chars().filter(|c| *c != ':').collect();
-        if s.is_empty() || s.len() > 40 || s.len() % 2 != 0 {
+        if s.is_empty() || s.len() > 40 || !s.len().is_multiple_of(2) {
             return Err(BadSerial);
         }
         let bytes = (0..s.len())
