@@ -1,0 +1,29 @@
+//! End-to-end tests: a real gateway (in-process), real TLS, real MQTT through
+//! the embedded broker, simulated devices running the real firmware agent.
+//! One integration binary, so the tests share a build and run in parallel.
+
+mod bad_input;
+mod enroll;
+
+/// Runs an async test body on SQLite and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(idgate_gateway::testing::TestDatabase::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(idgate_gateway::testing::TestDatabase::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
