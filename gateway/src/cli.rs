@@ -14,6 +14,14 @@ use idgate_pki::ca::{pem_certificates, summarize};
 use idgate_pki::profile::Profile;
 use idgate_pki::protocol::check_device_id;
 
+/// `println!` that stops quietly when stdout is closed (`idgate device list | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// idgate: device identity gateway (online intermediate CA over MQTT).
 #[derive(Debug, Parser)]
 #[command(name = "idgate", version, about)]
@@ -126,9 +134,10 @@ pub fn main() -> ExitCode {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -144,9 +153,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(data, database, args).await,
         Command::Ca(CaCommand::Init) => {
             data.init_ca()?;
-            println!("Created a CA in {}:", data.root().display());
+            say!("Created a CA in {}:", data.root().display());
             print_ca(&data)?;
-            println!(
+            say!(
                 "\nThe root key {} is needed only to create issuing CAs: keep it offline.",
                 data.root_key().display()
             );
@@ -195,14 +204,14 @@ async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Resu
     settings.profile = profile;
     let gateway = Gateway::start(settings).await?;
     if gateway.initialized() {
-        println!("Initialised a new data directory at {}.", data.root().display());
+        say!("Initialised a new data directory at {}.", data.root().display());
     }
-    println!("idgate is serving.");
-    println!("  devices connect to   mqtts://{} (MQTT 3.1.1 or 5 over TLS)", gateway.mqtt_address());
-    println!("  devices trust        {}", data.root_certificate().display());
-    println!("  certificate lifetime {}", format_duration(args.cert_lifetime));
-    println!("Register a device:     idgate device add ID --owner EMAIL --site SITE --data {}", data.root().display());
-    println!(
+    say!("idgate is serving.");
+    say!("  devices connect to   mqtts://{} (MQTT 3.1.1 or 5 over TLS)", gateway.mqtt_address());
+    say!("  devices trust        {}", data.root_certificate().display());
+    say!("  certificate lifetime {}", format_duration(args.cert_lifetime));
+    say!("Register a device:     idgate device add ID --owner EMAIL --site SITE --data {}", data.root().display());
+    say!(
         "Enroll a test device:  idgate-sim enroll --broker 127.0.0.1:{} --ca {} --id ID --token TOKEN --out DIR",
         gateway.mqtt_address().port(),
         data.root_certificate().display()
@@ -237,17 +246,17 @@ fn print_ca(data: &DataDir) -> Result<()> {
     ] {
         let der = pem_certificates(&read_text(&path)?)?.remove(0);
         let summary = summarize(&der)?;
-        println!("{label} ({})", path.display());
-        println!("  subject      {}", summary.subject);
-        println!("  issuer       {}", summary.issuer);
-        println!("  serial       {}", summary.serial);
-        println!("  SHA-256      {}", summary.fingerprint_sha256);
-        println!("  valid from   {}", format_time(summary.not_before));
-        println!("  valid until  {}", format_time(summary.not_after));
+        say!("{label} ({})", path.display());
+        say!("  subject      {}", summary.subject);
+        say!("  issuer       {}", summary.issuer);
+        say!("  serial       {}", summary.serial);
+        say!("  SHA-256      {}", summary.fingerprint_sha256);
+        say!("  valid from   {}", format_time(summary.not_before));
+        say!("  valid until  {}", format_time(summary.not_after));
         if let Some(path_len) = summary.ca {
             match path_len {
-                Some(n) => println!("  CA           yes, path length {n}"),
-                None => println!("  CA           yes, no path length limit"),
+                Some(n) => say!("  CA           yes, path length {n}"),
+                None => say!("  CA           yes, no path length limit"),
             }
         }
     }
@@ -311,11 +320,11 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             registry.add_device(&device, &new.sealed, now()).await?;
             registry.close().await;
             if json {
-                println!("{}", serde_json::json!({ "id": id, "token": new.token }));
+                say!("{}", serde_json::json!({ "id": id, "token": new.token }));
             } else {
-                println!("Registered device {id} (owner {owner}, site {site}), status pending.");
-                println!("One-time enrollment token (shown only now; give it to the device):");
-                println!("{}", new.token);
+                say!("Registered device {id} (owner {owner}, site {site}), status pending.");
+                say!("One-time enrollment token (shown only now; give it to the device):");
+                say!("{}", new.token);
             }
             Ok(())
         }
@@ -335,20 +344,20 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
                 .await?;
             registry.close().await;
             if json {
-                println!("{}", serde_json::to_string_pretty(&devices)?);
+                say!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
-                println!("{:<24} {:<10} {:<28} {:<16} MODEL", "ID", "STATUS", "OWNER", "SITE");
+                say!("{:<24} {:<10} {:<28} {:<16} MODEL", "ID", "STATUS", "OWNER", "SITE");
                 for d in &devices {
-                    println!(
+                    say!(
                         "{:<24} {:<10} {:<28} {:<16} {}",
                         d.id,
-                        d.status,
+                        d.status.as_str(),
                         d.owner,
                         d.site,
                         d.model.as_deref().unwrap_or("-")
                     );
                 }
-                println!("{} device(s)", devices.len());
+                say!("{} device(s)", devices.len());
             }
             Ok(())
         }
@@ -361,7 +370,7 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             let audit = registry.audit_trail(&id).await?;
             registry.close().await;
             if json {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "device": device,
@@ -371,20 +380,20 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
                 );
                 return Ok(());
             }
-            println!("Device {}", device.id);
-            println!("  status      {}", device.status);
-            println!("  owner       {}", device.owner);
-            println!("  site        {}", device.site);
-            println!("  model       {}", device.model.as_deref().unwrap_or("-"));
-            println!("  registered  {} by {}", format_time(device.created_at), device.created_by);
-            println!("Certificates ({})", certificates.len());
+            say!("Device {}", device.id);
+            say!("  status      {}", device.status);
+            say!("  owner       {}", device.owner);
+            say!("  site        {}", device.site);
+            say!("  model       {}", device.model.as_deref().unwrap_or("-"));
+            say!("  registered  {} by {}", format_time(device.created_at), device.created_by);
+            say!("Certificates ({})", certificates.len());
             for c in &certificates {
                 let state = match (&c.revoked_at, c.not_after < now()) {
                     (Some(_), _) => "revoked",
                     (None, true) => "expired",
                     (None, false) => "valid",
                 };
-                println!(
+                say!(
                     "  {}  {}  {} → {}",
                     c.serial,
                     state,
@@ -392,9 +401,9 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
                     format_time(c.not_after)
                 );
             }
-            println!("Audit trail ({})", audit.len());
+            say!("Audit trail ({})", audit.len());
             for a in &audit {
-                println!(
+                say!(
                     "  {}  {:<12} {:<20} {:<18} {}",
                     format_time(a.at),
                     a.action,
@@ -409,7 +418,10 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
 }
 
 fn actor() -> String {
-    format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
 }
 
 fn format_time(unix: i64) -> String {
