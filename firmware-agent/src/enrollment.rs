@@ -249,6 +249,9 @@ impl Enrolled {
     }
 }
 
+// The states share one region of memory: the request buffer while waiting, the
+// certificate buffers once enrolled. Without a heap there is nothing to box into.
+#[expect(clippy::large_enum_variant, reason = "no heap; variants share memory")]
 enum State {
     ExpectCertificate(ExpectCertificate),
     Enrolled(Enrolled),
@@ -439,6 +442,12 @@ impl<K: KeyStore> Enrollment<K> {
     /// The key store.
     pub fn key_store(&self) -> &K {
         &self.key_store
+    }
+
+    /// The key store, for other work while the enrollment runs (signing with the
+    /// current key, say). Leave the Next slot alone until the enrollment ends.
+    pub fn key_store_mut(&mut self) -> &mut K {
+        &mut self.key_store
     }
 
     /// Ends the enrollment and gives the key store back.

@@ -176,9 +176,9 @@ mod tests {
         rotate(&mut store).unwrap();
         rotate(&mut store).unwrap();
         assert_eq!(store.promoted, 2);
+        let by_reference = &mut store;
         assert_eq!(
-            (&mut store)
-                .public_key(KeySlot::Current)
+            KeyStore::public_key(&by_reference, KeySlot::Current)
                 .unwrap_err()
                 .kind(),
             ErrorKind::NoKey

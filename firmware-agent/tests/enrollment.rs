@@ -1,0 +1,719 @@
+//! Sans-IO tests of the enrollment state machine: the agent wired to an
+//! in-memory fake gateway on a virtual clock, with a link that can lose, repeat,
+//! forge and mangle messages. Nothing here touches a socket or sleeps.
+// Helpers outside `#[test]` functions are test code too: a failure is a panic.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+
+use idgate_agent::{
+    Config, Enrollment, Error, Event, HardwareError, KeyOperation, MAX_REQUEST, PeerError,
+    RetryPolicy, Rid, UsageError,
+};
+use idgate_hal::{ErrorKind, KeySlot, KeyStore};
+use idgate_pki::csr::p256_spki;
+use idgate_pki::der::certificate_spki;
+use idgate_pki::protocol::{EnrollRequest, Issued, RejectCode, Rejected, verify_enrollment_proof};
+use idgate_sim::{Operation, SoftKeyStore};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
+    PublicKeyData, SerialNumber, SignatureAlgorithm,
+};
+
+const DEVICE: &str = "sensor-0042";
+const TOKEN: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+const ACCEPTED: &str = "idgate/v1/devices/sensor-0042/enroll/cbor/accepted";
+const REJECTED: &str = "idgate/v1/devices/sensor-0042/enroll/cbor/rejected";
+
+/// A P-256 public key taken from a CSR, in the form rcgen signs for.
+struct CsrKey(Vec<u8>);
+
+impl PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// What the fake gateway does with the next request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Answer {
+    Issue,
+    Reject(&'static str),
+}
+
+/// Just enough of the gateway: checks the proof and the CSR, issues with rcgen,
+/// and answers a repeated rid with the very same bytes.
+struct FakeGateway {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: Vec<u8>,
+    answers: Vec<Answer>,
+    replies: HashMap<String, (String, Vec<u8>)>,
+    issued: usize,
+    requests: usize,
+}
+
+impl FakeGateway {
+    fn new() -> FakeGateway {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fake issuing CA");
+        let key = KeyPair::generate().unwrap();
+        let ca_der = params.self_signed(&key).unwrap().der().to_vec();
+        FakeGateway {
+            issuer: Issuer::new(params, key),
+            ca_der,
+            answers: Vec::new(),
+            replies: HashMap::new(),
+            issued: 0,
+            requests: 0,
+        }
+    }
+
+    /// A certificate for `public_key` (uncompressed point), and its serial in hex.
+    fn certificate_for(&self, public_key: &[u8]) -> (Vec<u8>, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, DEVICE);
+        let mut serial: [u8; 9] = rand::random();
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let certificate = params
+            .signed_by(&CsrKey(public_key.to_vec()), &self.issuer)
+            .unwrap();
+        let hex = serial.iter().map(|b| format!("{b:02x}")).collect();
+        (certificate.der().to_vec(), hex)
+    }
+
+    fn issued_reply(&self, rid: &str, certificate: &[u8], serial: &str) -> Vec<u8> {
+        let mut chain = heapless::Vec::new();
+        chain.push(&self.ca_der[..]).unwrap();
+        let issued = Issued {
+            rid,
+            certificate,
+            chain,
+            serial,
+            not_before: 1_700_000_000,
+            not_after: 1_700_086_400,
+            time: 1_700_000_300,
+            renew_after: 1_700_043_200,
+            renew_before: 1_700_069_120,
+        };
+        let mut out = vec![0u8; 4096];
+        let n = issued.encode_cbor(&mut out).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    fn rejected_reply(rid: &str, code: &str) -> Vec<u8> {
+        let mut out = vec![0u8; 512];
+        let n = Rejected {
+            rid,
+            code,
+            message: "fake gateway says no",
+        }
+        .encode_cbor(&mut out)
+        .unwrap();
+        out.truncate(n);
+        out
+    }
+
+    /// Handles a request; the reply to publish, if any.
+    fn handle(&mut self, topic: &str, payload: &[u8]) -> Option<(String, Vec<u8>)> {
+        self.requests += 1;
+        assert_eq!(topic, "idgate/v1/devices/sensor-0042/enroll/cbor");
+        let request = EnrollRequest::decode_cbor(payload).unwrap();
+        if let Some(reply) = self.replies.get(request.rid) {
+            return Some(reply.clone());
+        }
+        let answer = if self.answers.is_empty() {
+            Answer::Issue
+        } else {
+            self.answers.remove(0)
+        };
+        let reply = match answer {
+            Answer::Reject(code) => (REJECTED.to_owned(), Self::rejected_reply(request.rid, code)),
+            Answer::Issue if !verify_enrollment_proof(TOKEN, request.csr, request.proof) => (
+                REJECTED.to_owned(),
+                Self::rejected_reply(request.rid, "bad_proof"),
+            ),
+            Answer::Issue => {
+                use x509_parser::prelude::FromDer;
+                let (rest, csr) =
+                    x509_parser::certification_request::X509CertificationRequest::from_der(
+                        request.csr,
+                    )
+                    .unwrap();
+                assert!(rest.is_empty());
+                csr.verify_signature().unwrap();
+                let info = &csr.certification_request_info;
+                let cn = info.subject.iter_common_name().next().unwrap();
+                assert_eq!(cn.as_str().unwrap(), DEVICE);
+                let public_key = info.subject_pki.subject_public_key.data.to_vec();
+                let (certificate, serial) = self.certificate_for(&public_key);
+                self.issued += 1;
+                (
+                    ACCEPTED.to_owned(),
+                    self.issued_reply(request.rid, &certificate, &serial),
+                )
+            }
+        };
+        // Only final answers are remembered: `internal` asks for a retry.
+        if answer != Answer::Reject("internal") {
+            self.replies.insert(request.rid.to_owned(), reply.clone());
+        }
+        Some(reply)
+    }
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        initial_timeout_ms: 1_000,
+        max_timeout_ms: 8_000,
+        jitter_percent: 20,
+        max_attempts: 5,
+    }
+}
+
+fn start(store: &mut SoftKeyStore, now: u64) -> Enrollment<&mut SoftKeyStore> {
+    start_with(store, TOKEN, now)
+}
+
+fn start_with<'a>(
+    store: &'a mut SoftKeyStore,
+    token: &[u8],
+    now: u64,
+) -> Enrollment<&'a mut SoftKeyStore> {
+    let config = Config {
+        device_id: DEVICE,
+        token,
+        retry: fast_retry(),
+    };
+    let rid = Rid::random(&mut rand::rngs::OsRng);
+    Enrollment::start(&config, store, rid, now).unwrap()
+}
+
+/// The next transmission's topic and payload.
+fn transmit(agent: &mut Enrollment<&mut SoftKeyStore>) -> Option<(String, Vec<u8>)> {
+    let mut buf = [0u8; MAX_REQUEST];
+    let t = agent.poll_transmit(&mut buf)?;
+    Some((t.topic.to_string(), buf[..t.len].to_vec()))
+}
+
+/// Advances the virtual clock to the agent's deadline and fires it.
+fn expire(agent: &mut Enrollment<&mut SoftKeyStore>, now: &mut u64) {
+    let deadline = agent.poll_timeout().expect("agent is waiting");
+    assert!(deadline > *now);
+    *now = deadline;
+    agent.handle_timeout(*now);
+}
+
+fn assert_enrolled(agent: &mut Enrollment<&mut SoftKeyStore>, gateway: &FakeGateway) {
+    match agent.poll_event() {
+        Some(Event::Enrolled {
+            serial,
+            not_after,
+            gateway_time,
+            ..
+        }) => {
+            assert_eq!(Some(serial.as_str()), agent.serial());
+            assert_eq!(not_after, 1_700_086_400);
+            assert_eq!(gateway_time, 1_700_000_300);
+        }
+        other => panic!("expected Enrolled, got {other:?}"),
+    }
+    assert_eq!(agent.poll_event(), None);
+    assert!(agent.is_finished());
+    assert_eq!(agent.poll_timeout(), None);
+    let certificate = agent.certificate().unwrap();
+    assert_eq!(
+        certificate_spki(certificate).unwrap(),
+        &p256_spki(agent.public_key())[..]
+    );
+    let chain: Vec<&[u8]> = agent.chain().collect();
+    assert_eq!(chain, vec![&gateway.ca_der[..]]);
+    // The certified key is now the current one; nothing is staged.
+    assert_eq!(
+        agent.key_store().public_key(KeySlot::Current).unwrap(),
+        *agent.public_key()
+    );
+    assert!(agent.key_store().public_key(KeySlot::Next).is_err());
+}
+
+#[test]
+fn happy_path() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start(&mut store, 0);
+    assert_eq!(
+        agent.subscriptions().each_ref().map(|t| t.as_str()),
+        [ACCEPTED, REJECTED]
+    );
+    assert_eq!(agent.attempts(), Some(1));
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    assert_eq!(transmit(&mut agent), None, "one transmission per attempt");
+    let request = EnrollRequest::decode_cbor(&payload).unwrap();
+    assert_eq!(request.rid, agent.rid().as_str());
+    assert_eq!(request.rid.len(), 16);
+    assert!(
+        request
+            .rid
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(300, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+    assert_eq!(agent.ignored_messages(), 0);
+    assert_eq!(
+        store.current_key_pem().unwrap().lines().next(),
+        Some("-----BEGIN PRIVATE KEY-----")
+    );
+}
+
+#[test]
+fn lost_request_is_retransmitted_unchanged() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut now = 10_000;
+    let mut agent = start(&mut store, now);
+    let (_, first) = transmit(&mut agent).unwrap(); // lost on the way
+    assert_eq!(transmit(&mut agent), None);
+
+    // Early timers do nothing.
+    agent.handle_timeout(now + 1);
+    assert_eq!(transmit(&mut agent), None);
+
+    expire(&mut agent, &mut now);
+    assert_eq!(agent.attempts(), Some(2));
+    let (topic, second) = transmit(&mut agent).unwrap();
+    assert_eq!(first, second, "identical payload, same rid");
+    let (reply_topic, reply) = gateway.handle(&topic, &second).unwrap();
+    agent.handle_message(now, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn lost_reply_is_recovered_by_retransmission() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut now = 0;
+    let mut agent = start(&mut store, now);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let lost = gateway.handle(&topic, &payload).unwrap();
+    expire(&mut agent, &mut now);
+    let (topic, again) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = gateway.handle(&topic, &again).unwrap();
+    assert_eq!(
+        lost.1, reply,
+        "the gateway answers a repeated rid the same way"
+    );
+    assert_eq!(gateway.issued, 1);
+    agent.handle_message(now, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn duplicate_reply_is_ignored() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start(&mut store, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(1, &reply_topic, &reply).unwrap();
+    assert_eq!(
+        agent.handle_message(2, &reply_topic, &reply),
+        Err(Error::Peer(PeerError::Finished))
+    );
+    assert_enrolled(&mut agent, &gateway);
+    assert_eq!(agent.ignored_messages(), 1);
+    assert_eq!(transmit(&mut agent), None);
+}
+
+#[test]
+fn reply_with_another_rid_is_ignored() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start(&mut store, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let public_key = agent.public_key().to_vec();
+    let (certificate, serial) = gateway.certificate_for(&public_key);
+    let forged = gateway.issued_reply("0000000000000000", &certificate, &serial);
+    assert_eq!(
+        agent.handle_message(1, ACCEPTED, &forged),
+        Err(Error::Peer(PeerError::OtherRid))
+    );
+    let forged = FakeGateway::rejected_reply("0000000000000000", "bad_proof");
+    assert_eq!(
+        agent.handle_message(1, REJECTED, &forged),
+        Err(Error::Peer(PeerError::OtherRid))
+    );
+    let broken_request = FakeGateway::rejected_reply("", "malformed");
+    assert_eq!(
+        agent.handle_message(1, REJECTED, &broken_request),
+        Err(Error::Peer(PeerError::OtherRid))
+    );
+    assert!(!agent.is_finished());
+    assert_eq!(agent.poll_event(), None);
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(2, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+    assert_eq!(agent.ignored_messages(), 3);
+}
+
+#[test]
+fn certificate_for_another_key_is_refused() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start(&mut store, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+
+    let mut other = SoftKeyStore::new();
+    let other_key = other.generate_next().unwrap();
+    let (certificate, serial) = gateway.certificate_for(&other_key);
+    let forged = gateway.issued_reply(agent.rid().as_str(), &certificate, &serial);
+    assert_eq!(
+        agent.handle_message(1, ACCEPTED, &forged),
+        Err(Error::Peer(PeerError::WrongKey))
+    );
+    // Not promoted: nothing current yet, our key still staged.
+    assert!(agent.key_store().public_key(KeySlot::Current).is_err());
+    assert_eq!(
+        agent.key_store().public_key(KeySlot::Next).unwrap(),
+        *agent.public_key()
+    );
+    // A "certificate" that is not one is refused too.
+    let forged = gateway.issued_reply(agent.rid().as_str(), &[0x30, 0x03, 1, 2, 3], "01");
+    assert!(matches!(
+        agent.handle_message(1, ACCEPTED, &forged),
+        Err(Error::Peer(PeerError::BadCertificate(_)))
+    ));
+
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(2, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn replies_on_foreign_topics_are_ignored() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start(&mut store, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (_, reply) = gateway.handle(&topic, &payload).unwrap();
+    for (topic, expected) in [
+        (
+            "idgate/v1/devices/sensor-0043/enroll/cbor/accepted",
+            PeerError::OtherDevice,
+        ),
+        (
+            "idgate/v1/devices/sensor-0042/enroll/json/accepted",
+            PeerError::NotOurReply,
+        ),
+        (
+            "idgate/v1/devices/sensor-0042/enroll/cbor",
+            PeerError::NotOurReply,
+        ),
+        (
+            "idgate/v1/devices/sensor-0042/enroll/cbor/other",
+            PeerError::UnknownTopic,
+        ),
+        ("sensors/temperature", PeerError::UnknownTopic),
+        ("", PeerError::UnknownTopic),
+    ] {
+        assert_eq!(
+            agent.handle_message(1, topic, &reply),
+            Err(Error::Peer(expected)),
+            "{topic}"
+        );
+    }
+    assert!(!agent.is_finished());
+    agent.handle_message(2, ACCEPTED, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn internal_rejection_is_retried() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    gateway.answers = vec![Answer::Reject("internal"), Answer::Reject("internal")];
+    let mut now = 0;
+    let mut agent = start(&mut store, now);
+    for attempt in 1..=3 {
+        let (topic, payload) = transmit(&mut agent).unwrap();
+        let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+        agent.handle_message(now, &reply_topic, &reply).unwrap();
+        if attempt < 3 {
+            assert_eq!(reply_topic, REJECTED);
+            assert_eq!(agent.poll_event(), None);
+            // Not resent at once: the backoff still applies.
+            assert_eq!(transmit(&mut agent), None);
+            expire(&mut agent, &mut now);
+        }
+    }
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn final_rejection_stops() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start_with(&mut store, b"wrong token", 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(1, &reply_topic, &reply).unwrap();
+    match agent.poll_event() {
+        Some(Event::Rejected(rejection)) => {
+            assert_eq!(rejection.code(), Some(RejectCode::BadProof));
+            assert_eq!(rejection.code_str(), "bad_proof");
+            assert_eq!(rejection.message(), "fake gateway says no");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert!(agent.is_finished());
+    assert_eq!(agent.poll_timeout(), None);
+    agent.handle_timeout(u64::MAX);
+    assert_eq!(transmit(&mut agent), None);
+    assert_eq!(agent.poll_event(), None);
+    assert_eq!(agent.certificate(), None);
+    // Key never promoted.
+    assert!(agent.key_store().public_key(KeySlot::Current).is_err());
+}
+
+#[test]
+fn unknown_rejection_codes_are_final() {
+    let mut store = SoftKeyStore::new();
+    let mut agent = start(&mut store, 0);
+    let rid = agent.rid().as_str().to_owned();
+    let code = "quota_exceeded_for_this_device_in_this_region";
+    agent
+        .handle_message(1, REJECTED, &FakeGateway::rejected_reply(&rid, code))
+        .unwrap();
+    match agent.poll_event() {
+        Some(Event::Rejected(rejection)) => {
+            assert_eq!(rejection.code(), None);
+            assert!(code.starts_with(rejection.code_str()));
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+/// Feeds every proper prefix of `reply`: each is undecodable and changes nothing.
+fn truncations(agent: &mut Enrollment<&mut SoftKeyStore>, topic: &str, reply: &[u8]) {
+    for cut in 0..reply.len() {
+        let result = agent.handle_message(1, topic, &reply[..cut]);
+        assert!(
+            matches!(result, Err(Error::Peer(PeerError::Decode(_)))),
+            "cut {cut}: {result:?}"
+        );
+        assert!(!agent.is_finished());
+    }
+    for garbage in [
+        &b"\xff"[..],
+        b"\xa0\xa0",
+        b"\xbf\xff",
+        b"{\"rid\":1}",
+        &[0u8; 3000],
+    ] {
+        assert!(agent.handle_message(1, topic, garbage).is_err());
+        assert!(!agent.is_finished());
+    }
+}
+
+#[test]
+fn truncated_and_garbage_replies_are_ignored() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut agent = start(&mut store, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    let rejection = FakeGateway::rejected_reply(agent.rid().as_str(), "bad_proof");
+    truncations(&mut agent, REJECTED, &rejection);
+    truncations(&mut agent, &reply_topic, &reply);
+    assert_eq!(agent.poll_event(), None);
+    agent.handle_message(2, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn bit_flipped_replies_never_panic() {
+    // A flipped bit may leave a valid reply (another serial, a changed chain, an
+    // unknown rejection code) that ends the enrollment, so only panics are
+    // checked, with a fresh device whenever a flip finished the previous one.
+    let mut gateway = FakeGateway::new();
+    let fresh = |gateway: &mut FakeGateway| {
+        let config = Config {
+            device_id: DEVICE,
+            token: TOKEN,
+            retry: fast_retry(),
+        };
+        let rid = Rid::random(&mut rand::rngs::OsRng);
+        let mut agent = Enrollment::start(&config, SoftKeyStore::new(), rid, 0).unwrap();
+        let mut buf = [0u8; MAX_REQUEST];
+        let t = agent.poll_transmit(&mut buf).unwrap();
+        let (_, reply) = gateway.handle(&t.topic, &buf[..t.len]).unwrap();
+        let rejection = FakeGateway::rejected_reply(agent.rid().as_str(), "internal");
+        (agent, reply, rejection)
+    };
+    let (mut agent, mut reply, mut rejection) = fresh(&mut gateway);
+    let mut restarts = 0;
+    for accepted in [true, false] {
+        let len = if accepted {
+            reply.len()
+        } else {
+            rejection.len()
+        };
+        for i in 0..len {
+            let (topic, mut message) = if accepted {
+                (ACCEPTED, reply.clone())
+            } else {
+                (REJECTED, rejection.clone())
+            };
+            message[i] ^= 0x01;
+            let _ = agent.handle_message(1, topic, &message);
+            if agent.is_finished() {
+                restarts += 1;
+                (agent, reply, rejection) = fresh(&mut gateway);
+            }
+        }
+    }
+    // Many flips are accepted: the agent checks that a certificate is for its key,
+    // not who signed it (see the crate docs), so a flip outside the key and the
+    // rid yields a certificate the agent takes.
+    eprintln!("{restarts} flipped replies ended an enrollment");
+}
+
+#[test]
+fn gives_up_after_the_last_attempt() {
+    let mut store = SoftKeyStore::new();
+    let policy = fast_retry();
+    let mut now = 1_000;
+    let mut agent = start(&mut store, now);
+    let mut sent = Vec::new();
+    let mut waits = Vec::new();
+    while !agent.is_finished() {
+        if let Some((_, payload)) = transmit(&mut agent) {
+            sent.push(payload);
+        }
+        let before = now;
+        expire(&mut agent, &mut now);
+        waits.push(now - before);
+    }
+    assert_eq!(sent.len(), policy.max_attempts as usize);
+    assert!(sent.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        agent.poll_event(),
+        Some(Event::GaveUp {
+            attempts: policy.max_attempts
+        })
+    );
+    // Exponential, within the jitter, capped.
+    for (i, wait) in waits.iter().enumerate() {
+        let base = policy.base_timeout_ms(i as u32 + 1);
+        assert!(
+            *wait <= base && *wait >= base * 8 / 10,
+            "wait {i}: {wait} vs {base}"
+        );
+    }
+    assert_eq!(policy.base_timeout_ms(5), 8_000);
+    assert_eq!(agent.poll_timeout(), None);
+}
+
+#[test]
+fn promotion_failure_keeps_waiting() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = FakeGateway::new();
+    let mut now = 0;
+    let mut agent = start(&mut store, now);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.key_store_mut().fail_once(Operation::Promote);
+    assert_eq!(
+        agent.handle_message(now, &reply_topic, &reply),
+        Err(Error::Hardware(HardwareError::KeyStore {
+            operation: KeyOperation::Promote,
+            kind: ErrorKind::Communication
+        }))
+    );
+    assert!(!agent.is_finished());
+    assert_eq!(agent.poll_event(), None);
+    assert_eq!(
+        agent.ignored_messages(),
+        0,
+        "a good reply is not counted as ignored"
+    );
+    // The next retransmission brings the same certificate back.
+    expire(&mut agent, &mut now);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, again) = gateway.handle(&topic, &payload).unwrap();
+    assert_eq!(again, reply);
+    agent.handle_message(now, &reply_topic, &again).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn key_store_faults_are_reported() {
+    let config = Config {
+        device_id: DEVICE,
+        token: TOKEN,
+        retry: fast_retry(),
+    };
+    let rid = || Rid::new("r-1").unwrap();
+    for (operation, expected) in [
+        (Operation::Generate, KeyOperation::Generate),
+        (Operation::Sign, KeyOperation::Sign),
+    ] {
+        let mut store = SoftKeyStore::new();
+        store.fail_once(operation);
+        assert_eq!(
+            Enrollment::start(&config, &mut store, rid(), 0).unwrap_err(),
+            Error::Hardware(HardwareError::KeyStore {
+                operation: expected,
+                kind: ErrorKind::Communication
+            })
+        );
+    }
+}
+
+#[test]
+fn misuse_is_refused() {
+    let mut store = SoftKeyStore::new();
+    let rid = || Rid::new("r-1").unwrap();
+    let good = Config {
+        device_id: DEVICE,
+        token: TOKEN,
+        retry: RetryPolicy::default(),
+    };
+    for (config, expected) in [
+        (
+            Config {
+                device_id: "a/b",
+                ..good
+            },
+            "BadDeviceId",
+        ),
+        (Config { token: b"", ..good }, "EmptyToken"),
+        (
+            Config {
+                retry: RetryPolicy {
+                    max_attempts: 0,
+                    ..RetryPolicy::DEFAULT
+                },
+                ..good
+            },
+            "BadRetryPolicy",
+        ),
+    ] {
+        let err = Enrollment::start(&config, &mut store, rid(), 0).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)), "{err:?}");
+        assert!(format!("{err:?}").contains(expected), "{err:?}");
+    }
+    assert!(matches!(Rid::new("has space"), Err(UsageError::BadRid(_))));
+    // Refused before the key store is touched.
+    assert!(store.public_key(KeySlot::Next).is_err());
+}
