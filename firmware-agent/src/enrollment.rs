@@ -200,7 +200,6 @@ struct ExpectCertificate {
     /// The encoded request, sent byte for byte the same every time so the
     /// gateway's idempotence applies.
     request: heapless::Vec<u8, MAX_REQUEST>,
-    attempts: u32,
     deadline_ms: u64,
     transmit_pending: bool,
 }
@@ -279,6 +278,8 @@ pub struct Enrollment<K> {
     reply_topics: [TopicName; 2],
     retry: RetryPolicy,
     jitter: Jitter,
+    /// Transmissions handed out or pending, the first included.
+    attempts: u32,
     state: State,
     events: heapless::Deque<Event, 2>,
     ignored: u32,
@@ -358,9 +359,9 @@ impl<K: KeyStore> Enrollment<K> {
             reply_topics,
             retry: config.retry,
             jitter,
+            attempts: 1,
             state: State::ExpectCertificate(ExpectCertificate {
                 request,
-                attempts: 1,
                 deadline_ms,
                 transmit_pending: true,
             }),
@@ -394,13 +395,10 @@ impl<K: KeyStore> Enrollment<K> {
         &self.public_key
     }
 
-    /// How many times the request has been handed out for sending so far, or
-    /// is about to be.
-    pub fn attempts(&self) -> Option<u32> {
-        match &self.state {
-            State::ExpectCertificate(waiting) => Some(waiting.attempts),
-            _ => None,
-        }
+    /// How many times the request has been handed out for sending, or is about
+    /// to be (the first transmission included). Kept after the enrollment ends.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// Whether the enrollment has ended, one way or another.
@@ -467,11 +465,11 @@ impl<K: KeyStore> Enrollment<K> {
         waiting.transmit_pending = false;
         let len = waiting.request.len();
         buf[..len].copy_from_slice(&waiting.request);
-        trace!("enroll: transmit attempt {}", waiting.attempts);
+        trace!("enroll: transmit attempt {}", self.attempts);
         Some(Transmit {
             topic: self.request_topic.clone(),
             len,
-            attempt: waiting.attempts,
+            attempt: self.attempts,
         })
     }
 
@@ -493,19 +491,19 @@ impl<K: KeyStore> Enrollment<K> {
         if now_ms < waiting.deadline_ms {
             return;
         }
-        if waiting.attempts >= self.retry.max_attempts {
-            let attempts = waiting.attempts;
+        if self.attempts >= self.retry.max_attempts {
+            let attempts = self.attempts;
             warn!("enroll: no answer after {} attempts, giving up", attempts);
             self.finish(State::GaveUp, Event::GaveUp { attempts });
             return;
         }
-        waiting.attempts += 1;
+        self.attempts += 1;
         waiting.transmit_pending = true;
-        let timeout = self.retry.timeout_ms(waiting.attempts, &mut self.jitter);
+        let timeout = self.retry.timeout_ms(self.attempts, &mut self.jitter);
         waiting.deadline_ms = now_ms.saturating_add(timeout);
         debug!(
             "enroll: no answer, retransmitting (attempt {})",
-            waiting.attempts
+            self.attempts
         );
     }
 

@@ -253,7 +253,7 @@ fn happy_path() {
         agent.subscriptions().each_ref().map(|t| t.as_str()),
         [ACCEPTED, REJECTED]
     );
-    assert_eq!(agent.attempts(), Some(1));
+    assert_eq!(agent.attempts(), 1);
     let (topic, payload) = transmit(&mut agent).unwrap();
     assert_eq!(transmit(&mut agent), None, "one transmission per attempt");
     let request = EnrollRequest::decode_cbor(&payload).unwrap();
@@ -290,7 +290,7 @@ fn lost_request_is_retransmitted_unchanged() {
     assert_eq!(transmit(&mut agent), None);
 
     expire(&mut agent, &mut now);
-    assert_eq!(agent.attempts(), Some(2));
+    assert_eq!(agent.attempts(), 2);
     let (topic, second) = transmit(&mut agent).unwrap();
     assert_eq!(first, second, "identical payload, same rid");
     let (reply_topic, reply) = gateway.handle(&topic, &second).unwrap();
@@ -574,7 +574,11 @@ fn bit_flipped_replies_never_panic() {
             } else {
                 (REJECTED, rejection.clone())
             };
-            message[i] ^= 0x01;
+            // A restart brings a reply of another length (ECDSA signatures vary).
+            let Some(byte) = message.get_mut(i) else {
+                break;
+            };
+            *byte ^= 0x01;
             let _ = agent.handle_message(1, topic, &message);
             if agent.is_finished() {
                 restarts += 1;

@@ -227,9 +227,8 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, SimError> {
                 buf[..transmit.len].to_vec(),
             )?;
         }
-        let attempts = agent.attempts();
         if let Some(event) = agent.poll_event() {
-            break (event, attempts.unwrap_or(0));
+            break (event, agent.attempts());
         }
         // The agent is waiting whenever it has no event, so it has a deadline.
         let wake = clock + Duration::from_millis(agent.poll_timeout().unwrap_or(u64::MAX / 2));
