@@ -34,6 +34,8 @@ pub const MAX_TOPIC: usize = TOPIC_PREFIX.len() + MAX_ID + 32;
 pub enum Op {
     /// First certificate, proven with a one-time enrollment token.
     Enroll,
+    /// Next certificate, for a new key, proven with the current certificate's key.
+    Renew,
 }
 
 impl Op {
@@ -41,12 +43,14 @@ impl Op {
     pub const fn as_str(self) -> &'static str {
         match self {
             Op::Enroll => "enroll",
+            Op::Renew => "renew",
         }
     }
 
     fn parse(s: &str) -> Option<Op> {
         match s {
             "enroll" => Some(Op::Enroll),
+            "renew" => Some(Op::Renew),
             _ => None,
         }
     }
@@ -263,11 +267,31 @@ pub enum RejectCode {
     RidConflict,
     /// The gateway could not serve the request; retry later with the same `rid`.
     Internal,
+    /// Renewal: `serial` is not a certificate issued to this device.
+    UnknownCertificate,
+    /// Renewal: `sig` does not verify with the key of certificate `serial`.
+    BadSignature,
+    /// Renewal: the counter did not grow: a replay or a cloned device. The
+    /// device is marked suspect.
+    CounterReplay,
+    /// Renewal: a second renewal of the same certificate with a different key:
+    /// a cloned device. The device is marked suspect.
+    CloneSuspected,
+    /// Renewal: the certificate has expired longer ago than the grace period.
+    Expired,
+    /// Renewal: the certificate presented has been revoked or put on hold.
+    CertificateRevoked,
+    /// The device has been revoked or retired.
+    DeviceRevoked,
+    /// The device is suspended.
+    DeviceSuspended,
+    /// The device is marked suspect (possible clone) until an operator clears it.
+    DeviceSuspect,
 }
 
 impl RejectCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [RejectCode; 11] = [
+    pub const ALL: [RejectCode; 20] = [
         RejectCode::Malformed,
         RejectCode::TooLarge,
         RejectCode::UnknownDevice,
@@ -279,6 +303,15 @@ impl RejectCode {
         RejectCode::KeyReused,
         RejectCode::RidConflict,
         RejectCode::Internal,
+        RejectCode::UnknownCertificate,
+        RejectCode::BadSignature,
+        RejectCode::CounterReplay,
+        RejectCode::CloneSuspected,
+        RejectCode::Expired,
+        RejectCode::CertificateRevoked,
+        RejectCode::DeviceRevoked,
+        RejectCode::DeviceSuspended,
+        RejectCode::DeviceSuspect,
     ];
 
     /// The code as it appears on the wire.
@@ -295,6 +328,15 @@ impl RejectCode {
             RejectCode::KeyReused => "key_reused",
             RejectCode::RidConflict => "rid_conflict",
             RejectCode::Internal => "internal",
+            RejectCode::UnknownCertificate => "unknown_certificate",
+            RejectCode::BadSignature => "bad_signature",
+            RejectCode::CounterReplay => "counter_replay",
+            RejectCode::CloneSuspected => "clone_suspected",
+            RejectCode::Expired => "expired",
+            RejectCode::CertificateRevoked => "certificate_revoked",
+            RejectCode::DeviceRevoked => "device_revoked",
+            RejectCode::DeviceSuspended => "device_suspended",
+            RejectCode::DeviceSuspect => "device_suspect",
         }
     }
 
@@ -341,6 +383,165 @@ pub struct EnrollRequest<'a> {
     pub csr: &'a [u8],
     /// [`enrollment_proof`] over `csr`.
     pub proof: &'a [u8],
+}
+
+/// A `renew` request: a CSR for a new key, signed off by the current key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenewRequest<'a> {
+    /// Client-chosen request id; a repeated `rid` gets the same answer.
+    pub rid: &'a str,
+    /// PKCS#10 certification request for the **new** key, DER.
+    pub csr: &'a [u8],
+    /// Serial of the current certificate, lowercase hex as in [`Issued::serial`].
+    pub serial: &'a str,
+    /// Monotonic counter: greater than in every earlier renewal of this device.
+    pub counter: u64,
+    /// Signature by the current certificate's key over [`renew_message`]:
+    /// P-256: `r || s` (64 bytes, big-endian); Ed25519: the 64-byte signature.
+    pub sig: &'a [u8],
+}
+
+/// Domain separation prefix of the renewal message.
+pub const RENEW_CONTEXT: &[u8] = b"idgate/v1/renew";
+/// Longest serial text accepted (20 octets in hex).
+pub const MAX_SERIAL_HEX: usize = 40;
+/// Longest [`renew_message`].
+pub const MAX_RENEW_MESSAGE: usize =
+    RENEW_CONTEXT.len() + 1 + MAX_ID + 1 + MAX_ID + 32 + 1 + MAX_SERIAL_HEX + 8;
+/// Length of a renewal signature.
+pub const SIG_LEN: usize = 64;
+
+/// The bytes a renewal signature covers:
+///
+/// ```text
+/// "idgate/v1/renew"
+/// || len(device_id) (1 byte) || device_id
+/// || len(rid)       (1 byte) || rid
+/// || SHA-256(csr)   (32 bytes)
+/// || len(serial)    (1 byte) || serial (lowercase hex text)
+/// || counter        (8 bytes, big-endian)
+/// ```
+///
+/// Writes it to `out` and returns its length.
+pub fn renew_message(
+    device_id: &str,
+    rid: &str,
+    csr: &[u8],
+    serial: &str,
+    counter: u64,
+    out: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| -> Result<(), EncodeError> {
+        let end = at + bytes.len();
+        out.get_mut(at..end)
+            .ok_or(EncodeError::BufferTooSmall)?
+            .copy_from_slice(bytes);
+        at = end;
+        Ok(())
+    };
+    let length = |s: &str, max: usize| -> Result<u8, EncodeError> {
+        if s.len() > max {
+            Err(EncodeError::BufferTooSmall)
+        } else {
+            Ok(s.len() as u8)
+        }
+    };
+    put(RENEW_CONTEXT)?;
+    put(&[length(device_id, MAX_ID)?])?;
+    put(device_id.as_bytes())?;
+    put(&[length(rid, MAX_ID)?])?;
+    put(rid.as_bytes())?;
+    put(&Sha256::digest(csr))?;
+    put(&[length(serial, MAX_SERIAL_HEX)?])?;
+    put(serial.as_bytes())?;
+    put(&counter.to_be_bytes())?;
+    Ok(at)
+}
+
+/// Checks the syntax of a serial in a request: 2–40 lowercase hex digits.
+pub fn check_serial(serial: &str) -> Result<(), IdError> {
+    if serial.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if serial.len() > MAX_SERIAL_HEX {
+        return Err(IdError::TooLong);
+    }
+    if serial.len().is_multiple_of(2)
+        && serial
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(IdError::BadCharacter)
+    }
+}
+
+impl<'a> RenewRequest<'a> {
+    /// Checks the fields' syntax and sizes (not the CSR or the signature).
+    pub fn check(&self) -> Result<(), DecodeError> {
+        check_rid(self.rid).map_err(|_| DecodeError::Invalid("rid"))?;
+        check_serial(self.serial).map_err(|_| DecodeError::Invalid("serial"))?;
+        if self.csr.len() > MAX_CSR {
+            return Err(DecodeError::TooLarge);
+        }
+        if self.csr.is_empty() {
+            return Err(DecodeError::Invalid("csr"));
+        }
+        if self.sig.len() != SIG_LEN {
+            return Err(DecodeError::Invalid("sig"));
+        }
+        Ok(())
+    }
+
+    /// Encodes the request as a CBOR map into `out`; returns the length written.
+    pub fn encode_cbor(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
+        let mut e = Encoder::new(Cursor::new(out));
+        e.map(5)?
+            .str("rid")?
+            .str(self.rid)?
+            .str("csr")?
+            .bytes(self.csr)?
+            .str("serial")?
+            .str(self.serial)?
+            .str("counter")?
+            .u64(self.counter)?
+            .str("sig")?
+            .bytes(self.sig)?;
+        Ok(e.writer().position())
+    }
+
+    /// Decodes and [checks](Self::check) a CBOR request.
+    pub fn decode_cbor(payload: &'a [u8]) -> Result<RenewRequest<'a>, DecodeError> {
+        let request = Self::decode_cbor_unchecked(payload)?;
+        request.check()?;
+        Ok(request)
+    }
+
+    /// Decodes a CBOR request without [checking](Self::check) its fields.
+    pub fn decode_cbor_unchecked(payload: &'a [u8]) -> Result<RenewRequest<'a>, DecodeError> {
+        let mut d = Decoder::new(payload);
+        let (mut rid, mut csr, mut serial, mut counter, mut sig) = (None, None, None, None, None);
+        for _ in 0..map_len(&mut d, payload)? {
+            match text(&mut d, "key")? {
+                "rid" => once(&mut rid, "rid", text(&mut d, "rid")?)?,
+                "csr" => once(&mut csr, "csr", bytes(&mut d, "csr")?)?,
+                "serial" => once(&mut serial, "serial", text(&mut d, "serial")?)?,
+                "counter" => once(&mut counter, "counter", uint(&mut d, "counter")?)?,
+                "sig" => once(&mut sig, "sig", bytes(&mut d, "sig")?)?,
+                _ => d.skip()?,
+            }
+        }
+        finish(&d, payload)?;
+        Ok(RenewRequest {
+            rid: required(rid, "rid")?,
+            csr: required(csr, "csr")?,
+            serial: required(serial, "serial")?,
+            counter: required(counter, "counter")?,
+            sig: required(sig, "sig")?,
+        })
+    }
 }
 
 /// An accepted request's reply: the new certificate and what the device needs with it.
@@ -838,6 +1039,43 @@ mod tests {
         let back = Rejected::decode_cbor(&buf[..n]).unwrap();
         assert_eq!(back, rejected);
         assert_eq!(back.reject_code(), Some(RejectCode::BadProof));
+    }
+
+    #[test]
+    fn renew_request_round_trip_and_message_layout() {
+        let sig = [3u8; 64];
+        let request = RenewRequest {
+            rid: "r2",
+            csr: &[0x30, 0x01, 0x00],
+            serial: "4a0b",
+            counter: 7,
+            sig: &sig,
+        };
+        let mut buf = [0u8; 256];
+        let n = request.encode_cbor(&mut buf).unwrap();
+        assert_eq!(RenewRequest::decode_cbor(&buf[..n]), Ok(request));
+        for cut in 0..n {
+            assert!(RenewRequest::decode_cbor(&buf[..cut]).is_err());
+        }
+
+        let mut message = [0u8; MAX_RENEW_MESSAGE];
+        let len = renew_message("dev", "r2", &[0x30, 0x01, 0x00], "4a0b", 7, &mut message).unwrap();
+        let mut expected = std::vec::Vec::new();
+        expected.extend_from_slice(b"idgate/v1/renew");
+        expected.extend_from_slice(&[3, b'd', b'e', b'v', 2, b'r', b'2']);
+        expected.extend_from_slice(&Sha256::digest([0x30, 0x01, 0x00]));
+        expected.extend_from_slice(&[4, b'4', b'a', b'0', b'b']);
+        expected.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(&message[..len], expected.as_slice());
+        // The longest fields fit.
+        let long = "a".repeat(64);
+        let serial = "7f".repeat(20);
+        assert!(renew_message(&long, &long, &[], &serial, u64::MAX, &mut message).is_ok());
+
+        assert_eq!(check_serial("4a0b"), Ok(()));
+        for bad in ["", "4A0B", "4a0", "xyz0", &"00".repeat(21)] {
+            assert!(check_serial(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

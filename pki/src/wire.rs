@@ -7,7 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
 
-use crate::protocol::{DecodeError, EnrollRequest, Format, Issued, MAX_PAYLOAD, Rejected};
+use crate::protocol::{
+    DecodeError, EnrollRequest, Format, Issued, MAX_PAYLOAD, Rejected, RenewRequest, check_rid,
+};
 
 /// A decoded `enroll` request, owned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,9 +63,7 @@ pub fn decode_enroll(format: Format, payload: &[u8]) -> Result<EnrollRequestBuf,
         Format::Json => decode_enroll_json(payload)?,
     };
     request.borrowed().check().map_err(|error| Undecodable {
-        rid: crate::protocol::check_rid(&request.rid)
-            .is_ok()
-            .then(|| request.rid.clone()),
+        rid: check_rid(&request.rid).is_ok().then(|| request.rid.clone()),
         error,
     })?;
     Ok(request)
@@ -98,6 +98,112 @@ fn json_bytes(object: &Map<String, Value>, name: &'static str) -> Result<Vec<u8>
             .decode(text.as_bytes())
             .map_err(|_| DecodeError::Invalid(name)),
         Some(_) => Err(DecodeError::Invalid(name)),
+    }
+}
+
+/// A decoded `renew` request, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenewRequestBuf {
+    /// Request id.
+    pub rid: String,
+    /// CSR for the new key, DER.
+    pub csr: Vec<u8>,
+    /// Serial of the current certificate, lowercase hex.
+    pub serial: String,
+    /// Monotonic counter.
+    pub counter: u64,
+    /// Signature by the current key over the renewal message.
+    pub sig: Vec<u8>,
+}
+
+impl RenewRequestBuf {
+    /// The borrowed form.
+    pub fn borrowed(&self) -> RenewRequest<'_> {
+        RenewRequest {
+            rid: &self.rid,
+            csr: &self.csr,
+            serial: &self.serial,
+            counter: self.counter,
+            sig: &self.sig,
+        }
+    }
+}
+
+/// Decodes and checks a `renew` request.
+pub fn decode_renew(format: Format, payload: &[u8]) -> Result<RenewRequestBuf, Undecodable> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Undecodable {
+            rid: None,
+            error: DecodeError::TooLarge,
+        });
+    }
+    let syntax = |error| Undecodable { rid: None, error };
+    let request = match format {
+        Format::Cbor => {
+            let r = RenewRequest::decode_cbor_unchecked(payload).map_err(syntax)?;
+            RenewRequestBuf {
+                rid: r.rid.to_owned(),
+                csr: r.csr.to_vec(),
+                serial: r.serial.to_owned(),
+                counter: r.counter,
+                sig: r.sig.to_vec(),
+            }
+        }
+        Format::Json => {
+            let value: Value =
+                serde_json::from_slice(payload).map_err(|_| syntax(DecodeError::Syntax))?;
+            let Value::Object(object) = value else {
+                return Err(syntax(DecodeError::Syntax));
+            };
+            let rid = match object.get("rid") {
+                None => return Err(syntax(DecodeError::Missing("rid"))),
+                Some(Value::String(rid)) => rid.clone(),
+                Some(_) => return Err(syntax(DecodeError::Invalid("rid"))),
+            };
+            let with_rid = |error| Undecodable {
+                rid: check_rid(&rid).is_ok().then(|| rid.clone()),
+                error,
+            };
+            let serial = match object.get("serial") {
+                None => return Err(with_rid(DecodeError::Missing("serial"))),
+                Some(Value::String(serial)) => serial.clone(),
+                Some(_) => return Err(with_rid(DecodeError::Invalid("serial"))),
+            };
+            let counter = match object.get("counter") {
+                None => return Err(with_rid(DecodeError::Missing("counter"))),
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| with_rid(DecodeError::Invalid("counter")))?,
+            };
+            RenewRequestBuf {
+                csr: json_bytes(&object, "csr").map_err(with_rid)?,
+                sig: json_bytes(&object, "sig").map_err(with_rid)?,
+                rid,
+                serial,
+                counter,
+            }
+        }
+    };
+    request.borrowed().check().map_err(|error| Undecodable {
+        rid: check_rid(&request.rid).is_ok().then(|| request.rid.clone()),
+        error,
+    })?;
+    Ok(request)
+}
+
+/// Encodes a renew request (used by tests and simulated clients).
+pub fn encode_renew(format: Format, request: &RenewRequest<'_>) -> Vec<u8> {
+    match format {
+        Format::Cbor => encode_cbor_growing(|buf| request.encode_cbor(buf)),
+        Format::Json => json!({
+            "rid": request.rid,
+            "csr": BASE64.encode(request.csr),
+            "serial": request.serial,
+            "counter": request.counter,
+            "sig": BASE64.encode(request.sig),
+        })
+        .to_string()
+        .into_bytes(),
     }
 }
 
@@ -357,6 +463,33 @@ mod tests {
                 DecodeError::TooLarge
             );
         }
+    }
+
+    #[test]
+    fn renew_requests_round_trip_in_both_formats() {
+        let sig = [4u8; 64];
+        let request = RenewRequest {
+            rid: "r9",
+            csr: &[0x30, 0x00],
+            serial: "4abc",
+            counter: 12,
+            sig: &sig,
+        };
+        for format in [Format::Json, Format::Cbor] {
+            let decoded = decode_renew(format, &encode_renew(format, &request)).unwrap();
+            assert_eq!(decoded.borrowed(), request);
+        }
+        let bad = br#"{"rid":"r","csr":"MAA=","serial":"4abc","counter":-1,"sig":"AA=="}"#;
+        let got = decode_renew(Format::Json, bad).unwrap_err();
+        assert_eq!(
+            (got.rid.as_deref(), got.error),
+            (Some("r"), DecodeError::Invalid("counter"))
+        );
+        let short_sig = br#"{"rid":"r","csr":"MAA=","serial":"4abc","counter":1,"sig":"AA=="}"#;
+        assert_eq!(
+            decode_renew(Format::Json, short_sig).unwrap_err().error,
+            DecodeError::Invalid("sig")
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! `IDGATE_PRINT_EXAMPLE=1 cargo test -p idgate-pki --test protocol_example -- --nocapture`
 //! to print the values after a protocol change.
 
-use idgate_pki::csr::{build_p256_csr, MAX_P256_CSR};
-use idgate_pki::protocol::{enrollment_proof, EnrollRequest, Format, Op, Topic};
+use idgate_pki::csr::{MAX_P256_CSR, build_p256_csr};
+use idgate_pki::protocol::{EnrollRequest, Format, Op, Topic, enrollment_proof};
 use idgate_pki::wire::encode_enroll;
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::ecdsa::{Signature, SigningKey};
@@ -53,7 +53,11 @@ fn worked_example_in_the_protocol_document_is_true() {
     let csr = &buf[..n];
     let csr_hash = Sha256::digest(csr);
     let proof = enrollment_proof(token.as_bytes(), csr);
-    let request = EnrollRequest { rid, csr, proof: &proof };
+    let request = EnrollRequest {
+        rid,
+        csr,
+        proof: &proof,
+    };
     let cbor = encode_enroll(Format::Cbor, &request);
     let json = String::from_utf8(encode_enroll(Format::Json, &request)).unwrap();
     let topic = Topic::request(device_id, Op::Enroll, Format::Cbor).to_string();
@@ -72,8 +76,9 @@ fn worked_example_in_the_protocol_document_is_true() {
             println!("--- {name}\n{value}");
         }
     }
-    let document = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
-        .expect("docs/protocol.md");
+    let document =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
+            .expect("docs/protocol.md");
     for (name, value) in &values {
         assert!(
             document.contains(value.as_str()),
