@@ -27,7 +27,12 @@ macro_rules! say {
 #[command(name = "idgate", version, about)]
 struct Cli {
     /// Data directory (CA, keys, SQLite registry).
-    #[arg(long, global = true, env = "IDGATE_DATA", default_value = "./idgate-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "IDGATE_DATA",
+        default_value = "./idgate-data"
+    )]
     data: PathBuf,
     /// Registry URL: sqlite://PATH or postgres://… (default: DATA/registry.db).
     #[arg(long, global = true, env = "IDGATE_DATABASE")]
@@ -204,13 +209,28 @@ async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Resu
     settings.profile = profile;
     let gateway = Gateway::start(settings).await?;
     if gateway.initialized() {
-        say!("Initialised a new data directory at {}.", data.root().display());
+        say!(
+            "Initialised a new data directory at {}.",
+            data.root().display()
+        );
     }
     say!("idgate is serving.");
-    say!("  devices connect to   mqtts://{} (MQTT 3.1.1 or 5 over TLS)", gateway.mqtt_address());
-    say!("  devices trust        {}", data.root_certificate().display());
-    say!("  certificate lifetime {}", format_duration(args.cert_lifetime));
-    say!("Register a device:     idgate device add ID --owner EMAIL --site SITE --data {}", data.root().display());
+    say!(
+        "  devices connect to   mqtts://{} (MQTT 3.1.1 or 5 over TLS)",
+        gateway.mqtt_address()
+    );
+    say!(
+        "  devices trust        {}",
+        data.root_certificate().display()
+    );
+    say!(
+        "  certificate lifetime {}",
+        format_duration(args.cert_lifetime)
+    );
+    say!(
+        "Register a device:     idgate device add ID --owner EMAIL --site SITE --data {}",
+        data.root().display()
+    );
     say!(
         "Enroll a test device:  idgate-sim enroll --broker 127.0.0.1:{} --ca {} --id ID --token TOKEN --out DIR",
         gateway.mqtt_address().port(),
@@ -346,7 +366,13 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             if json {
                 say!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
-                say!("{:<24} {:<10} {:<28} {:<16} MODEL", "ID", "STATUS", "OWNER", "SITE");
+                say!(
+                    "{:<24} {:<10} {:<28} {:<16} MODEL",
+                    "ID",
+                    "STATUS",
+                    "OWNER",
+                    "SITE"
+                );
                 for d in &devices {
                     say!(
                         "{:<24} {:<10} {:<28} {:<16} {}",
@@ -385,7 +411,11 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             say!("  owner       {}", device.owner);
             say!("  site        {}", device.site);
             say!("  model       {}", device.model.as_deref().unwrap_or("-"));
-            say!("  registered  {} by {}", format_time(device.created_at), device.created_by);
+            say!(
+                "  registered  {} by {}",
+                format_time(device.created_at),
+                device.created_by
+            );
             say!("Certificates ({})", certificates.len());
             for c in &certificates {
                 let state = match (&c.revoked_at, c.not_after < now()) {
@@ -427,7 +457,10 @@ fn actor() -> String {
 fn format_time(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix.to_string())
 }
 

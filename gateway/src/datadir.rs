@@ -164,8 +164,16 @@ impl DataDir {
         write_new(&self.seal_key(), &seal_key, true)?;
         self.write_server_certificate(&new, now)?;
         // The certificates last: `has_ca` is true only once everything exists.
-        write_new(&self.root_certificate(), new.root_certificate.as_bytes(), false)?;
-        write_new(&self.issuing_certificate(), new.issuing_certificate.as_bytes(), false)?;
+        write_new(
+            &self.root_certificate(),
+            new.root_certificate.as_bytes(),
+            false,
+        )?;
+        write_new(
+            &self.issuing_certificate(),
+            new.issuing_certificate.as_bytes(),
+            false,
+        )?;
         Ok(())
     }
 
@@ -191,10 +199,10 @@ impl DataDir {
             SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
             SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
         ];
-        if let Some(host) = hostname().filter(|h| h != "localhost") {
-            if let Ok(name) = host.clone().try_into() {
-                names.push(SanType::DnsName(name));
-            }
+        if let Some(host) = hostname().filter(|h| h != "localhost")
+            && let Ok(name) = host.try_into()
+        {
+            names.push(SanType::DnsName(name));
         }
         params.subject_alt_names = names;
         params.is_ca = IsCa::ExplicitNoCa;
@@ -272,10 +280,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path().join("data"));
         assert!(!data.has_ca());
-        assert!(matches!(data.load_issuing_ca(), Err(DataDirError::NoCa(..))));
+        assert!(matches!(
+            data.load_issuing_ca(),
+            Err(DataDirError::NoCa(..))
+        ));
         data.init_ca().unwrap();
         assert!(data.has_ca());
-        for key in [data.root_key(), data.issuing_key(), data.seal_key(), data.tls_key()] {
+        for key in [
+            data.root_key(),
+            data.issuing_key(),
+            data.seal_key(),
+            data.tls_key(),
+        ] {
             let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }

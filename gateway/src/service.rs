@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use idgate_pki::protocol::{self, DecodeError, Format, Issued, Op, RejectCode, Rejected, Reply, Topic};
+use idgate_pki::protocol::{
+    self, DecodeError, Format, Issued, Op, RejectCode, Rejected, Reply, Topic,
+};
 use idgate_pki::wire;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -58,7 +60,13 @@ pub async fn handle(authority: &Authority, message: Message, replies: &mpsc::Sen
         debug!(topic = %message.topic, "ignoring a message on a non-request topic");
         return;
     };
-    let span = info_span!("request", device_id = topic.device_id, op = topic.op.as_str(), rid = tracing::field::Empty, serial = tracing::field::Empty);
+    let span = info_span!(
+        "request",
+        device_id = topic.device_id,
+        op = topic.op.as_str(),
+        rid = tracing::field::Empty,
+        serial = tracing::field::Empty
+    );
     async {
         let (reply, payload) = match topic.op {
             Op::Enroll => enroll(authority, &topic, &message.payload).await,

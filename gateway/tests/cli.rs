@@ -13,7 +13,10 @@ use idgate_sim::{EnrollOptions, enroll};
 
 fn idgate(data: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_idgate"));
-    command.arg("--data").arg(data).env_remove("IDGATE_DATABASE");
+    command
+        .arg("--data")
+        .arg(data)
+        .env_remove("IDGATE_DATABASE");
     command
 }
 
@@ -50,7 +53,12 @@ fn serve(data: &Path) -> (Child, u16, mpsc::Receiver<String>) {
             .expect("idgate serve prints where devices connect");
         if let Some(address) = line.split("mqtts://").nth(1) {
             let address = address.split_whitespace().next().expect("address");
-            break address.rsplit(':').next().expect("port").parse().expect("port number");
+            break address
+                .rsplit(':')
+                .next()
+                .expect("port")
+                .parse()
+                .expect("port number");
         }
     };
     (child, port, lines)
@@ -68,11 +76,21 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
 
     let (mut gateway, port, lines) = serve(&data);
     let printed: Vec<String> = lines.try_iter().collect();
-    assert!(data.join("ca/root.pem").exists(), "serve initialised the data directory");
-
-    let added = run_ok(
-        idgate(&data).args(["device", "add", "sensor-1", "--owner", "fm@example.com", "--site", "berlin", "--json"]),
+    assert!(
+        data.join("ca/root.pem").exists(),
+        "serve initialised the data directory"
     );
+
+    let added = run_ok(idgate(&data).args([
+        "device",
+        "add",
+        "sensor-1",
+        "--owner",
+        "fm@example.com",
+        "--site",
+        "berlin",
+        "--json",
+    ]));
     let added: serde_json::Value = serde_json::from_str(&added).unwrap();
     let token = added["token"].as_str().unwrap().to_owned();
     assert!(token.len() >= 26, "≥ 128 bits in base32");
@@ -83,9 +101,14 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
     );
 
     let root_pem = std::fs::read(data.join("ca/root.pem")).unwrap();
-    let enrolled = enroll(&EnrollOptions::new(format!("127.0.0.1:{port}"), root_pem, "sensor-1", token.clone()))
-        .await
-        .unwrap();
+    let enrolled = enroll(&EnrollOptions::new(
+        format!("127.0.0.1:{port}"),
+        root_pem,
+        "sensor-1",
+        token.clone(),
+    ))
+    .await
+    .unwrap();
 
     // What the README tells users to run.
     let out = dir.path().join("device");
@@ -102,43 +125,83 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
         .arg(out.join("cert.pem"))
         .output()
         .expect("openssl is installed");
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     assert!(String::from_utf8_lossy(&verify.stdout).contains("cert.pem: OK"));
 
     let shown = run_ok(idgate(&data).args(["device", "show", "sensor-1"]));
     assert!(shown.contains("status      active"), "{shown}");
     assert!(shown.contains(&enrolled.serial), "{shown}");
-    assert!(shown.contains("device.add") && shown.contains("enroll"), "{shown}");
+    assert!(
+        shown.contains("device.add") && shown.contains("enroll"),
+        "{shown}"
+    );
 
-    let listed = run_ok(idgate(&data).args(["device", "list", "--site", "berlin", "--status", "active", "--json"]));
+    let listed = run_ok(idgate(&data).args([
+        "device", "list", "--site", "berlin", "--status", "active", "--json",
+    ]));
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["id"], "sensor-1");
     let none = run_ok(idgate(&data).args(["device", "list", "--site", "paris", "--json"]));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&none).unwrap(), serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&none).unwrap(),
+        serde_json::json!([])
+    );
 
     let ca = run_ok(idgate(&data).args(["ca", "show"]));
-    assert!(ca.contains("Root CA") && ca.contains("Issuing CA") && ca.contains("path length 0"), "{ca}");
+    assert!(
+        ca.contains("Root CA") && ca.contains("Issuing CA") && ca.contains("path length 0"),
+        "{ca}"
+    );
     let again = idgate(&data).args(["ca", "init"]).output().unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
 
     let duplicate = idgate(&data)
-        .args(["device", "add", "sensor-1", "--owner", "fm@example.com", "--site", "x"])
+        .args([
+            "device",
+            "add",
+            "sensor-1",
+            "--owner",
+            "fm@example.com",
+            "--site",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!duplicate.status.success());
     assert!(String::from_utf8_lossy(&duplicate.stderr).contains("already exists"));
     let bad = idgate(&data)
-        .args(["device", "add", "a/b", "--owner", "fm@example.com", "--site", "x"])
+        .args([
+            "device",
+            "add",
+            "a/b",
+            "--owner",
+            "fm@example.com",
+            "--site",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!bad.status.success());
 
     // SIGTERM: a clean stop with exit status 0.
     let pid = gateway.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::task::spawn_blocking(move || gateway.wait()).await.unwrap().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || gateway.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status:?}");
     drop(printed);
 }

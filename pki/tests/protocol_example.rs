@@ -19,7 +19,7 @@ fn wrapped(bytes: &[u8]) -> String {
     hex(bytes)
         .as_bytes()
         .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
+        .map(|c| std::str::from_utf8(c).expect("hex is ASCII"))
         .collect::<Vec<_>>()
         .join("\n")
 }

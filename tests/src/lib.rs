@@ -11,7 +11,9 @@ use idgate_gateway::gateway::{Gateway, Settings};
 use idgate_gateway::registry::{NewDevice, Registry, now};
 use idgate_gateway::testing::{TestDatabase, TestRegistryUrl, registry_url};
 use idgate_pki::protocol::{Format, Op, Reply, Topic};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 
 /// A gateway running in this process, and what it needs to stay alive.
 #[allow(missing_debug_implementations)] // holds the gateway and temp dirs; nothing to print
@@ -83,7 +85,12 @@ impl Harness {
 
     /// A raw MQTT client connected over TLS, trusting the gateway's root.
     pub async fn client(&self, client_id: &str) -> RawClient {
-        RawClient::connect(&self.root_ca(), self.gateway.mqtt_address().port(), client_id).await
+        RawClient::connect(
+            &self.root_ca(),
+            self.gateway.mqtt_address().port(),
+            client_id,
+        )
+        .await
     }
 }
 
@@ -92,7 +99,9 @@ pub fn tls_trusting(root_pem: &std::path::Path) -> Arc<rustls::ClientConfig> {
     let pem = std::fs::read(root_pem).expect("read root CA");
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(certificate.expect("PEM")).expect("root certificate");
+        roots
+            .add(certificate.expect("PEM"))
+            .expect("root certificate");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -134,14 +143,20 @@ impl RawClient {
 
     /// Publishes `payload` on `device`'s enroll topic in `format` and returns
     /// the reply kind and payload.
-    pub async fn enroll(&mut self, device: &str, format: Format, payload: Vec<u8>) -> (Reply, Vec<u8>) {
+    pub async fn enroll(
+        &mut self,
+        device: &str,
+        format: Format,
+        payload: Vec<u8>,
+    ) -> (Reply, Vec<u8>) {
         let request = Topic::request(device, Op::Enroll, format);
         let filter = format!("{request}/+");
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .expect("subscribe");
-        self.wait(|p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+        self.wait(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+            .await;
         self.client
             .publish(request.to_string(), QoS::AtLeastOnce, false, payload)
             .await

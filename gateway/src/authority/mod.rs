@@ -113,7 +113,8 @@ impl Authority {
         match self.try_enroll(device_id, request, now).await {
             Ok(answer) => Ok(answer),
             Err(rejection) => {
-                self.audit_refusal(device_id, &request.rid, &rejection, now).await;
+                self.audit_refusal(device_id, &request.rid, &rejection, now)
+                    .await;
                 Err(rejection)
             }
         }
@@ -121,7 +122,13 @@ impl Authority {
 
     /// Audits a request refused before it could be decoded (`malformed`,
     /// `too_large`); `rid` is empty when the payload carried none.
-    pub async fn audit_undecodable(&self, device_id: &str, rid: &str, rejection: &Rejection, now: i64) {
+    pub async fn audit_undecodable(
+        &self,
+        device_id: &str,
+        rid: &str,
+        rejection: &Rejection,
+        now: i64,
+    ) {
         self.audit_refusal(device_id, rid, rejection, now).await;
     }
 
@@ -198,14 +205,12 @@ impl Authority {
         }
 
         let csr = check_csr(&request.csr).map_err(|e| Rejection::new(e.code(), e.to_string()))?;
-        if let Some(owner) = registry
+        let owner = registry
             .key_owner(&csr.key_fingerprint)
             .await
-            .map_err(|e| internal(&e))?
-        {
-            if owner != device_id {
-                return Err(key_reused());
-            }
+            .map_err(|e| internal(&e))?;
+        if owner.is_some_and(|owner| owner != device_id) {
+            return Err(key_reused());
         }
 
         let issued = self

@@ -86,8 +86,14 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
             max_segment_count: 4,
             ..RouterConfig::default()
         },
-        v4: Some(HashMap::from([("v4".to_owned(), server("v4", upstream.v4))])),
-        v5: Some(HashMap::from([("v5".to_owned(), server("v5", upstream.v5))])),
+        v4: Some(HashMap::from([(
+            "v4".to_owned(),
+            server("v4", upstream.v4),
+        )])),
+        v5: Some(HashMap::from([(
+            "v5".to_owned(),
+            server("v5", upstream.v5),
+        )])),
         ..Config::default()
     };
     let mut broker = Broker::new(config);

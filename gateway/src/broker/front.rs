@@ -61,17 +61,18 @@ pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>
         .collect::<Result<_, _>>()
         .map_err(|e| FrontError::Pem(format!("TLS certificate: {e}")))?;
     if chain.is_empty() {
-        return Err(FrontError::Pem("TLS certificate file has no certificate".into()));
+        return Err(FrontError::Pem(
+            "TLS certificate file has no certificate".into(),
+        ));
     }
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
         .map_err(|e| FrontError::Pem(format!("TLS key: {e}")))?
         .ok_or_else(|| FrontError::Pem("TLS key file has no private key".into()))?;
-    let config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 

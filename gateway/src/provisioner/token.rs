@@ -150,7 +150,9 @@ mod tests {
         assert_eq!(a.token.len(), 32);
         assert_ne!(a.token, b.token);
         assert!(
-            !a.sealed.windows(a.token.len()).any(|w| w == a.token.as_bytes()),
+            !a.sealed
+                .windows(a.token.len())
+                .any(|w| w == a.token.as_bytes()),
             "the sealed form does not contain the token"
         );
     }
@@ -162,12 +164,20 @@ mod tests {
         let csr = b"csr bytes";
         let proof = enrollment_proof(new.token.as_bytes(), csr);
         assert!(tokens.verify("d1", &new.sealed, csr, &proof).unwrap());
-        assert!(!tokens.verify("d1", &new.sealed, b"other csr", &proof).unwrap());
+        assert!(
+            !tokens
+                .verify("d1", &new.sealed, b"other csr", &proof)
+                .unwrap()
+        );
         let wrong = enrollment_proof(b"wrong token", csr);
         assert!(!tokens.verify("d1", &new.sealed, csr, &wrong).unwrap());
         // Sealed for d1: useless for d2 or under another key.
         assert!(tokens.verify("d2", &new.sealed, csr, &proof).is_err());
-        assert!(Tokens::new(&[8; 32]).verify("d1", &new.sealed, csr, &proof).is_err());
+        assert!(
+            Tokens::new(&[8; 32])
+                .verify("d1", &new.sealed, csr, &proof)
+                .is_err()
+        );
         assert!(tokens.verify("d1", &[1, 2, 3], csr, &proof).is_err());
     }
 }

@@ -13,11 +13,8 @@ use sqlx::{AnyPool, AssertSqlSafe, Row};
 use tokio::sync::Mutex;
 
 /// The schema, in order. A migration never changes once released.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
 
 /// A registry failure: our fault or the database's, never the device's.
 #[derive(Debug, thiserror::Error)]
@@ -384,12 +381,14 @@ impl Registry {
             let mut tx = self.pool.begin().await?;
             // Another replica may be migrating the same PostgreSQL database:
             // the version row's primary key makes the loser roll back.
-            sqlx::query("INSERT INTO idgate_schema (version, name, applied_at) VALUES ($1, $2, $3)")
-                .bind(*version)
-                .bind(*name)
-                .bind(now())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO idgate_schema (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(*version)
+            .bind(*name)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
             sqlx::raw_sql(*sql).execute(&mut *tx).await?;
             tx.commit().await?;
         }
@@ -569,13 +568,14 @@ impl Registry {
         let at = certificate.issued_at;
         let db = |e: sqlx::Error| IssuanceError::Registry(e.into());
 
-        let taken = sqlx::query("SELECT 1 FROM requests WHERE device_id = $1 AND op = $2 AND rid = $3")
-            .bind(device_id)
-            .bind(issuance.op)
-            .bind(&issuance.rid)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let taken =
+            sqlx::query("SELECT 1 FROM requests WHERE device_id = $1 AND op = $2 AND rid = $3")
+                .bind(device_id)
+                .bind(issuance.op)
+                .bind(&issuance.rid)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
         if taken.is_some() {
             return Err(IssuanceError::RidTaken);
         }
@@ -601,14 +601,15 @@ impl Registry {
         if activated.rows_affected() != 1 {
             return Err(IssuanceError::NotPending);
         }
-        let bound: Option<String> = sqlx::query("SELECT device_id FROM device_keys WHERE key_fingerprint = $1")
-            .bind(certificate.key_fingerprint.clone())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?
-            .map(|r| r.try_get("device_id"))
-            .transpose()
-            .map_err(db)?;
+        let bound: Option<String> =
+            sqlx::query("SELECT device_id FROM device_keys WHERE key_fingerprint = $1")
+                .bind(certificate.key_fingerprint.clone())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?
+                .map(|r| r.try_get("device_id"))
+                .transpose()
+                .map_err(db)?;
         match bound {
             Some(owner) if owner != *device_id => return Err(IssuanceError::KeyReused),
             Some(_) => {}
@@ -626,7 +627,11 @@ impl Registry {
                     let unique = e
                         .as_database_error()
                         .is_some_and(|d| d.is_unique_violation());
-                    return Err(if unique { IssuanceError::KeyReused } else { db(e) });
+                    return Err(if unique {
+                        IssuanceError::KeyReused
+                    } else {
+                        db(e)
+                    });
                 }
             }
         }
@@ -671,7 +676,10 @@ impl Registry {
     }
 
     /// The device's certificates, newest first.
-    pub async fn certificates(&self, device_id: &str) -> Result<Vec<CertificateRecord>, RegistryError> {
+    pub async fn certificates(
+        &self,
+        device_id: &str,
+    ) -> Result<Vec<CertificateRecord>, RegistryError> {
         let rows = sqlx::query(
             "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
              revoked_at, revocation_reason FROM certificates WHERE device_id = $1 \
@@ -710,11 +718,13 @@ impl Registry {
 
     /// Number of certificates issued to a device (for tests and reports).
     pub async fn certificate_count(&self, device_id: &str) -> Result<i64, RegistryError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM certificates WHERE device_id = $1")
-            .bind(device_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?)
+        Ok(
+            sqlx::query("SELECT COUNT(*) FROM certificates WHERE device_id = $1")
+                .bind(device_id)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?,
+        )
     }
 }
 

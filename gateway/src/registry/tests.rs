@@ -66,7 +66,9 @@ fn audit(device: &str) -> AuditEntry {
 }
 
 async fn add_list_and_show(db: TestDatabase) {
-    let Some((registry, _keep)) = registry(db).await else { return };
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
     registry
         .add_device(&new_device("d1", "berlin", "a@x.io"), b"sealed", 10)
         .await
@@ -80,8 +82,14 @@ async fn add_list_and_show(db: TestDatabase) {
         .await
         .unwrap();
 
-    let all = registry.list_devices(&DeviceFilter::default()).await.unwrap();
-    assert_eq!(all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d1", "d2", "d3"]);
+    let all = registry
+        .list_devices(&DeviceFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["d1", "d2", "d3"]
+    );
     let filter = DeviceFilter {
         site: Some("berlin".into()),
         owner: Some("b@x.io".into()),
@@ -113,7 +121,9 @@ async fn add_list_and_show(db: TestDatabase) {
 }
 
 async fn duplicate_devices_are_refused(db: TestDatabase) {
-    let Some((registry, _keep)) = registry(db).await else { return };
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
     registry
         .add_device(&new_device("d1", "s", "a@x.io"), b"one", 10)
         .await
@@ -124,11 +134,16 @@ async fn duplicate_devices_are_refused(db: TestDatabase) {
     assert!(matches!(again, Err(RegistryError::DeviceExists(id)) if id == "d1"));
     let d1 = registry.device("d1").await.unwrap().unwrap();
     assert_eq!(d1.site, "s", "the first registration is untouched");
-    assert_eq!(registry.credential("d1").await.unwrap().unwrap().secret, b"one");
+    assert_eq!(
+        registry.credential("d1").await.unwrap().unwrap().secret,
+        b"one"
+    );
 }
 
 async fn enrollment_is_recorded_once(db: TestDatabase) {
-    let Some((registry, _keep)) = registry(db).await else { return };
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
     registry
         .add_device(&new_device("d1", "s", "a@x.io"), b"sealed", 10)
         .await
@@ -140,11 +155,24 @@ async fn enrollment_is_recorded_once(db: TestDatabase) {
 
     let device = registry.device("d1").await.unwrap().unwrap();
     assert_eq!(device.status, DeviceStatus::Active);
-    assert_eq!(registry.credential("d1").await.unwrap().unwrap().used_at, Some(150));
-    let prior = registry.prior_request("d1", "enroll", "r1").await.unwrap().unwrap();
+    assert_eq!(
+        registry.credential("d1").await.unwrap().unwrap().used_at,
+        Some(150)
+    );
+    let prior = registry
+        .prior_request("d1", "enroll", "r1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(prior.certificate.serial, "4001");
     assert_eq!(prior.csr_sha256, vec![1; 32]);
-    assert!(registry.prior_request("d1", "enroll", "r2").await.unwrap().is_none());
+    assert!(
+        registry
+            .prior_request("d1", "enroll", "r2")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // The same rid again, and a second enrollment with a new rid: both refused,
     // and nothing more is written.
@@ -167,7 +195,9 @@ async fn enrollment_is_recorded_once(db: TestDatabase) {
 }
 
 async fn keys_bind_to_one_device(db: TestDatabase) {
-    let Some((registry, _keep)) = registry(db).await else { return };
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
     for id in ["d1", "d2"] {
         registry
             .add_device(&new_device(id, "s", "a@x.io"), b"sealed", 10)
@@ -178,19 +208,31 @@ async fn keys_bind_to_one_device(db: TestDatabase) {
         .record_enrollment(&issuance("d1", "4001", 7, "r"), &audit("d1"))
         .await
         .unwrap();
-    assert_eq!(registry.key_owner(&[7; 32]).await.unwrap().as_deref(), Some("d1"));
+    assert_eq!(
+        registry.key_owner(&[7; 32]).await.unwrap().as_deref(),
+        Some("d1")
+    );
     let reused = registry
         .record_enrollment(&issuance("d2", "4002", 7, "r"), &audit("d2"))
         .await;
     assert!(matches!(reused, Err(IssuanceError::KeyReused)));
     let d2 = registry.device("d2").await.unwrap().unwrap();
-    assert_eq!(d2.status, DeviceStatus::Pending, "the refused enrollment rolled back");
-    assert_eq!(registry.credential("d2").await.unwrap().unwrap().used_at, None);
+    assert_eq!(
+        d2.status,
+        DeviceStatus::Pending,
+        "the refused enrollment rolled back"
+    );
+    assert_eq!(
+        registry.credential("d2").await.unwrap().unwrap().used_at,
+        None
+    );
     assert_eq!(registry.certificate_count("d2").await.unwrap(), 0);
 }
 
 async fn reopening_keeps_data_and_schema(db: TestDatabase) {
-    let Some((registry, keep)) = registry(db).await else { return };
+    let Some((registry, keep)) = registry(db).await else {
+        return;
+    };
     registry
         .add_device(&new_device("d1", "s", "a@x.io"), b"sealed", 10)
         .await

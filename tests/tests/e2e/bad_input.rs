@@ -29,7 +29,14 @@ fn p256() -> KeyPair {
 
 fn request(format: Format, rid: &str, csr: &[u8], token: &str) -> Vec<u8> {
     let proof = enrollment_proof(token.as_bytes(), csr);
-    encode_enroll(format, &EnrollRequest { rid, csr, proof: &proof })
+    encode_enroll(
+        format,
+        &EnrollRequest {
+            rid,
+            csr,
+            proof: &proof,
+        },
+    )
 }
 
 /// An RSA CSR made by openssl (which also adds extensions to the request).
@@ -37,14 +44,20 @@ fn openssl_rsa_csr() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rsa.csr");
     let status = Command::new("openssl")
-        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rsa", "-outform", "DER"])
+        .args([
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rsa", "-outform", "DER",
+        ])
         .arg("-keyout")
         .arg(dir.path().join("rsa.key"))
         .arg("-out")
         .arg(&out)
         .output()
         .expect("openssl is installed (.ci/run installs it)");
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     std::fs::read(out).unwrap()
 }
 
@@ -65,17 +78,51 @@ async fn expect_rejected(
 }
 
 async fn every_bad_request_is_refused_with_its_code(db: TestDatabase) {
-    let Some(h) = Harness::start(db).await else { return };
+    let Some(h) = Harness::start(db).await else {
+        return;
+    };
     let token = h.add_device("victim", "berlin").await;
     let other_token = h.add_device("bystander", "berlin").await;
     let mut c = h.client("tester").await;
 
     // Garbage and truncated payloads, in both formats.
-    expect_rejected(&mut c, "victim", Format::Json, b"{not json".to_vec(), "malformed", "").await;
-    expect_rejected(&mut c, "victim", Format::Cbor, vec![0xff, 0x00, 0x13], "malformed", "").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        b"{not json".to_vec(),
+        "malformed",
+        "",
+    )
+    .await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Cbor,
+        vec![0xff, 0x00, 0x13],
+        "malformed",
+        "",
+    )
+    .await;
     let good = request(Format::Cbor, "r1", &csr(&p256()), &token);
-    expect_rejected(&mut c, "victim", Format::Cbor, good[..good.len() / 2].to_vec(), "malformed", "").await;
-    expect_rejected(&mut c, "victim", Format::Json, br#"{"rid":"r1","csr":"MAA="}"#.to_vec(), "malformed", "r1").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Cbor,
+        good[..good.len() / 2].to_vec(),
+        "malformed",
+        "",
+    )
+    .await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        br#"{"rid":"r1","csr":"MAA="}"#.to_vec(),
+        "malformed",
+        "r1",
+    )
+    .await;
 
     // Oversized payload.
     let huge = vec![b'x'; MAX_PAYLOAD + 4096];
@@ -83,38 +130,119 @@ async fn every_bad_request_is_refused_with_its_code(db: TestDatabase) {
 
     // Unknown device.
     let stranger = csr(&p256());
-    expect_rejected(&mut c, "nobody", Format::Json, request(Format::Json, "r1", &stranger, &token), "unknown_device", "r1").await;
+    expect_rejected(
+        &mut c,
+        "nobody",
+        Format::Json,
+        request(Format::Json, "r1", &stranger, &token),
+        "unknown_device",
+        "r1",
+    )
+    .await;
 
     // Wrong proof: bystander's token on victim's topic.
     let key = p256();
     let victim_csr = csr(&key);
-    expect_rejected(&mut c, "victim", Format::Json, request(Format::Json, "r2", &victim_csr, &other_token), "bad_proof", "r2").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        request(Format::Json, "r2", &victim_csr, &other_token),
+        "bad_proof",
+        "r2",
+    )
+    .await;
 
     // A CSR whose self-signature is broken (the proof covers the broken bytes).
     let mut broken = csr(&p256());
     let at = broken.len() - 5;
     broken[at] ^= 0x40;
-    expect_rejected(&mut c, "victim", Format::Cbor, request(Format::Cbor, "r3", &broken, &token), "bad_csr", "r3").await;
-    expect_rejected(&mut c, "victim", Format::Cbor, request(Format::Cbor, "r4", b"\x30\x03\x02\x01\x00", &token), "bad_csr", "r4").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Cbor,
+        request(Format::Cbor, "r3", &broken, &token),
+        "bad_csr",
+        "r3",
+    )
+    .await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Cbor,
+        request(Format::Cbor, "r4", b"\x30\x03\x02\x01\x00", &token),
+        "bad_csr",
+        "r4",
+    )
+    .await;
 
     // Unsupported curve and algorithm.
     let p384 = csr(&KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap());
-    expect_rejected(&mut c, "victim", Format::Json, request(Format::Json, "r5", &p384, &token), "weak_key", "r5").await;
-    expect_rejected(&mut c, "victim", Format::Json, request(Format::Json, "r6", &openssl_rsa_csr(), &token), "weak_key", "r6").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        request(Format::Json, "r5", &p384, &token),
+        "weak_key",
+        "r5",
+    )
+    .await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        request(Format::Json, "r6", &openssl_rsa_csr(), &token),
+        "weak_key",
+        "r6",
+    )
+    .await;
 
     // None of that issued anything or consumed the token: a proper request works.
     assert_eq!(h.registry().certificate_count("victim").await.unwrap(), 0);
-    let (reply, body) = c.enroll("victim", Format::Json, request(Format::Json, "ok", &victim_csr, &token)).await;
+    let (reply, body) = c
+        .enroll(
+            "victim",
+            Format::Json,
+            request(Format::Json, "ok", &victim_csr, &token),
+        )
+        .await;
     assert_eq!(reply, Reply::Accepted, "{}", String::from_utf8_lossy(&body));
     decode_issued(Format::Json, &body).unwrap();
 
     // The token works once.
-    expect_rejected(&mut c, "victim", Format::Json, request(Format::Json, "again", &csr(&p256()), &token), "token_used", "again").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        request(Format::Json, "again", &csr(&p256()), &token),
+        "token_used",
+        "again",
+    )
+    .await;
     // A reused rid with a different CSR.
-    expect_rejected(&mut c, "victim", Format::Json, request(Format::Json, "ok", &csr(&p256()), &token), "rid_conflict", "ok").await;
+    expect_rejected(
+        &mut c,
+        "victim",
+        Format::Json,
+        request(Format::Json, "ok", &csr(&p256()), &token),
+        "rid_conflict",
+        "ok",
+    )
+    .await;
     // The victim's key, presented by another device.
-    expect_rejected(&mut c, "bystander", Format::Cbor, request(Format::Cbor, "b1", &victim_csr, &other_token), "key_reused", "b1").await;
-    assert_eq!(h.registry().certificate_count("bystander").await.unwrap(), 0);
+    expect_rejected(
+        &mut c,
+        "bystander",
+        Format::Cbor,
+        request(Format::Cbor, "b1", &victim_csr, &other_token),
+        "key_reused",
+        "b1",
+    )
+    .await;
+    assert_eq!(
+        h.registry().certificate_count("bystander").await.unwrap(),
+        0
+    );
     assert_eq!(h.registry().certificate_count("victim").await.unwrap(), 1);
 
     // Every refusal is in the audit log with its code.
@@ -127,8 +255,20 @@ async fn every_bad_request_is_refused_with_its_code(db: TestDatabase) {
         .filter(|a| a.action == "enroll")
         .map(|a| a.outcome)
         .collect();
-    for code in ["malformed", "too_large", "bad_proof", "bad_csr", "weak_key", "token_used", "rid_conflict", "ok"] {
-        assert!(outcomes.iter().any(|o| o == code), "{code} not audited: {outcomes:?}");
+    for code in [
+        "malformed",
+        "too_large",
+        "bad_proof",
+        "bad_csr",
+        "weak_key",
+        "token_used",
+        "rid_conflict",
+        "ok",
+    ] {
+        assert!(
+            outcomes.iter().any(|o| o == code),
+            "{code} not audited: {outcomes:?}"
+        );
     }
     let unknown = h.registry().audit_trail("nobody").await.unwrap();
     assert_eq!(unknown[0].outcome, "unknown_device");
@@ -136,19 +276,29 @@ async fn every_bad_request_is_refused_with_its_code(db: TestDatabase) {
     assert!(bystander.iter().any(|a| a.outcome == "key_reused"));
 
     // And the bystander still enrolls with its own key.
-    let (reply, _) = c.enroll("bystander", Format::Cbor, request(Format::Cbor, "b2", &csr(&p256()), &other_token)).await;
+    let (reply, _) = c
+        .enroll(
+            "bystander",
+            Format::Cbor,
+            request(Format::Cbor, "b2", &csr(&p256()), &other_token),
+        )
+        .await;
     assert_eq!(reply, Reply::Accepted);
     h.gateway.shutdown().await;
 }
 
 async fn repeated_rid_returns_the_same_certificate(db: TestDatabase) {
-    let Some(h) = Harness::start(db).await else { return };
+    let Some(h) = Harness::start(db).await else {
+        return;
+    };
     let token = h.add_device("d1", "paris").await;
     let mut c = h.client("d1").await;
     let der = csr(&p256());
     let mut serials = Vec::new();
     for format in [Format::Json, Format::Cbor, Format::Json] {
-        let (reply, body) = c.enroll("d1", format, request(format, "same", &der, &token)).await;
+        let (reply, body) = c
+            .enroll("d1", format, request(format, "same", &der, &token))
+            .await;
         assert_eq!(reply, Reply::Accepted);
         let issued = decode_issued(format, &body).unwrap();
         assert_eq!(issued.rid, "same");

@@ -15,12 +15,16 @@ crate::on_both_backends!(fifty_devices_enroll_concurrently);
 const DEVICES: usize = 50;
 
 async fn fifty_devices_enroll_concurrently(db: TestDatabase) {
-    let Some(harness) = Harness::start(db).await else { return };
+    let Some(harness) = Harness::start(db).await else {
+        return;
+    };
     let root_pem = std::fs::read(harness.root_ca()).unwrap();
     let mut tokens = Vec::new();
     for i in 0..DEVICES {
         let id = format!("sensor-{i:03}");
-        let token = harness.add_device(&id, if i % 2 == 0 { "berlin" } else { "paris" }).await;
+        let token = harness
+            .add_device(&id, if i % 2 == 0 { "berlin" } else { "paris" })
+            .await;
         tokens.push((id, token));
     }
 
@@ -38,7 +42,9 @@ async fn fifty_devices_enroll_concurrently(db: TestDatabase) {
     assert_eq!(enrolled.len(), DEVICES);
 
     let dir = tempfile::tempdir().unwrap();
-    let root_der = pem_certificates(std::str::from_utf8(&root_pem).unwrap()).unwrap().remove(0);
+    let root_der = pem_certificates(std::str::from_utf8(&root_pem).unwrap())
+        .unwrap()
+        .remove(0);
     let mut files = Vec::new();
     for (id, result) in &enrolled {
         // The registry recorded exactly this certificate, and the device is active.
@@ -49,7 +55,12 @@ async fn fifty_devices_enroll_concurrently(db: TestDatabase) {
         assert_eq!(recorded[0].der, result.certificate, "{id}");
         assert_eq!(recorded[0].serial, result.serial, "{id}");
         let trail = harness.registry().audit_trail(id).await.unwrap();
-        assert!(trail.iter().any(|a| a.action == "enroll" && a.outcome == "ok"), "{id}");
+        assert!(
+            trail
+                .iter()
+                .any(|a| a.action == "enroll" && a.outcome == "ok"),
+            "{id}"
+        );
 
         // The profile: CN = id, ≤ 24 h, clientAuth, CA:FALSE, serial ≥ 64 bits.
         let (_, x509) = X509Certificate::from_der(&result.certificate).unwrap();
@@ -58,7 +69,13 @@ async fn fifty_devices_enroll_concurrently(db: TestDatabase) {
         let validity = x509.validity();
         let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
         assert!(lifetime <= 24 * 3600 + 300, "{id}: {lifetime} s");
-        assert!(x509.extended_key_usage().unwrap().unwrap().value.client_auth);
+        assert!(
+            x509.extended_key_usage()
+                .unwrap()
+                .unwrap()
+                .value
+                .client_auth
+        );
         assert!(!x509.basic_constraints().unwrap().unwrap().value.ca);
         assert!(x509.raw_serial().len() * 8 >= 64);
 
@@ -108,8 +125,16 @@ async fn fifty_devices_enroll_concurrently(db: TestDatabase) {
         .output()
         .expect("openssl is installed (.ci/run installs it)");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "openssl verify: {stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(stdout.lines().filter(|l| l.ends_with(": OK")).count(), DEVICES, "{stdout}");
+    assert!(
+        output.status.success(),
+        "openssl verify: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": OK")).count(),
+        DEVICES,
+        "{stdout}"
+    );
 
     // Every serial is distinct.
     let mut serials: Vec<_> = enrolled.iter().map(|(_, r)| r.serial.clone()).collect();

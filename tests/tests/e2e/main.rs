@@ -1,6 +1,9 @@
 //! End-to-end tests: a real gateway (in-process), real TLS, real MQTT through
 //! the embedded broker, simulated devices running the real firmware agent.
 //! One integration binary, so the tests share a build and run in parallel.
+// Test bodies are plain async fns run by generated #[test]s; an unwrap there is
+// an assertion, as in any test.
+#![allow(clippy::unwrap_used)]
 
 mod bad_input;
 mod enroll;
