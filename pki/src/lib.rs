@@ -16,4 +16,6 @@ pub mod check;
 #[cfg(feature = "std")]
 pub mod profile;
 #[cfg(feature = "std")]
+pub mod revocation;
+#[cfg(feature = "std")]
 pub mod wire;
