@@ -50,7 +50,7 @@ pub enum PeerError {
     BadSerial,
     /// `not_before` is after `not_after`, or `renew_after` after `renew_before`.
     BadValidity,
-    /// The enrollment is already finished; a late or duplicate reply.
+    /// The request is already finished; a late or duplicate reply.
     Finished,
 }
 
@@ -64,6 +64,9 @@ pub enum UsageError {
     BadRid(IdError),
     /// The enrollment token is empty.
     EmptyToken,
+    /// The current certificate's serial given to a renewal is not 1–20 octets
+    /// of lowercase hex.
+    BadSerial(IdError),
     /// The retry policy is unusable (no attempts, or a zero initial timeout).
     BadRetryPolicy,
 }
@@ -74,8 +77,10 @@ pub enum UsageError {
 pub enum KeyOperation {
     /// Generating the staged key.
     Generate,
-    /// Signing with the staged key.
+    /// Signing the CSR with the staged key.
     Sign,
+    /// Signing a renewal request with the current key (or finding that key).
+    SignRenewal,
     /// Promoting the staged key to current.
     Promote,
 }
@@ -85,6 +90,7 @@ impl KeyOperation {
         match self {
             KeyOperation::Generate => "generating the next key",
             KeyOperation::Sign => "signing the CSR",
+            KeyOperation::SignRenewal => "signing the renewal with the current key",
             KeyOperation::Promote => "promoting the next key",
         }
     }
@@ -129,7 +135,7 @@ impl fmt::Display for PeerError {
             PeerError::ChainTooLarge => f.write_str("certificate chain too large"),
             PeerError::BadSerial => f.write_str("invalid serial number"),
             PeerError::BadValidity => f.write_str("validity or renewal window out of order"),
-            PeerError::Finished => f.write_str("enrollment already finished"),
+            PeerError::Finished => f.write_str("request already finished"),
         }
     }
 }
@@ -140,6 +146,9 @@ impl fmt::Display for UsageError {
             UsageError::BadDeviceId(e) => write!(f, "device id {e}"),
             UsageError::BadRid(e) => write!(f, "request id {e}"),
             UsageError::EmptyToken => f.write_str("enrollment token is empty"),
+            UsageError::BadSerial(_) => {
+                f.write_str("serial must be 1 to 20 octets of lowercase hex")
+            }
             UsageError::BadRetryPolicy => {
                 f.write_str("retry policy needs at least one attempt and a non-zero timeout")
             }

@@ -4,180 +4,25 @@
 // Helpers outside `#[test]` functions are test code too: a failure is a panic.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-
 use idgate_agent::{
-    Config, Enrollment, Error, Event, HardwareError, KeyOperation, MAX_REQUEST, PeerError,
+    Certified, Config, Enrollment, Error, Event, HardwareError, KeyOperation, PeerError,
     RetryPolicy, Rid, UsageError,
 };
 use idgate_hal::{ErrorKind, KeySlot, KeyStore};
 use idgate_pki::csr::p256_spki;
 use idgate_pki::der::certificate_spki;
-use idgate_pki::protocol::{EnrollRequest, Issued, RejectCode, Rejected, verify_enrollment_proof};
+use idgate_pki::protocol::{EnrollRequest, RejectCode};
 use idgate_sim::{Operation, SoftKeyStore};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
-    PublicKeyData, SerialNumber, SignatureAlgorithm,
+
+mod common;
+
+use common::{
+    ACCEPTED_ENROLL as ACCEPTED, DEVICE, REJECTED_ENROLL as REJECTED, TOKEN, VALID,
+    answered_enrollment, expire, fast_retry, gateway, promotion_failure_is_recovered, transmit,
+    truncations,
 };
-
-const DEVICE: &str = "sensor-0042";
-const TOKEN: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-const ACCEPTED: &str = "idgate/v1/devices/sensor-0042/enroll/cbor/accepted";
-const REJECTED: &str = "idgate/v1/devices/sensor-0042/enroll/cbor/rejected";
-
-/// A P-256 public key taken from a CSR, in the form rcgen signs for.
-struct CsrKey(Vec<u8>);
-
-impl PublicKeyData for CsrKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.0
-    }
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        &PKCS_ECDSA_P256_SHA256
-    }
-}
-
-/// What the fake gateway does with the next request.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Answer {
-    Issue,
-    Reject(&'static str),
-}
-
-/// Just enough of the gateway: checks the proof and the CSR, issues with rcgen,
-/// and answers a repeated rid with the very same bytes.
-struct FakeGateway {
-    issuer: Issuer<'static, KeyPair>,
-    ca_der: Vec<u8>,
-    answers: Vec<Answer>,
-    replies: HashMap<String, (String, Vec<u8>)>,
-    issued: usize,
-    requests: usize,
-}
-
-impl FakeGateway {
-    fn new() -> FakeGateway {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "fake issuing CA");
-        let key = KeyPair::generate().unwrap();
-        let ca_der = params.self_signed(&key).unwrap().der().to_vec();
-        FakeGateway {
-            issuer: Issuer::new(params, key),
-            ca_der,
-            answers: Vec::new(),
-            replies: HashMap::new(),
-            issued: 0,
-            requests: 0,
-        }
-    }
-
-    /// A certificate for `public_key` (uncompressed point), and its serial in hex.
-    fn certificate_for(&self, public_key: &[u8]) -> (Vec<u8>, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, DEVICE);
-        let mut serial: [u8; 9] = rand::random();
-        serial[0] &= 0x7f;
-        serial[0] |= 0x01;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        let certificate = params
-            .signed_by(&CsrKey(public_key.to_vec()), &self.issuer)
-            .unwrap();
-        let hex = serial.iter().map(|b| format!("{b:02x}")).collect();
-        (certificate.der().to_vec(), hex)
-    }
-
-    fn issued_reply(&self, rid: &str, certificate: &[u8], serial: &str) -> Vec<u8> {
-        let mut chain = heapless::Vec::new();
-        chain.push(&self.ca_der[..]).unwrap();
-        let issued = Issued {
-            rid,
-            certificate,
-            chain,
-            serial,
-            not_before: 1_700_000_000,
-            not_after: 1_700_086_400,
-            time: 1_700_000_300,
-            renew_after: 1_700_043_200,
-            renew_before: 1_700_069_120,
-        };
-        let mut out = vec![0u8; 4096];
-        let n = issued.encode_cbor(&mut out).unwrap();
-        out.truncate(n);
-        out
-    }
-
-    fn rejected_reply(rid: &str, code: &str) -> Vec<u8> {
-        let mut out = vec![0u8; 512];
-        let n = Rejected {
-            rid,
-            code,
-            message: "fake gateway says no",
-        }
-        .encode_cbor(&mut out)
-        .unwrap();
-        out.truncate(n);
-        out
-    }
-
-    /// Handles a request; the reply to publish, if any.
-    fn handle(&mut self, topic: &str, payload: &[u8]) -> Option<(String, Vec<u8>)> {
-        self.requests += 1;
-        assert_eq!(topic, "idgate/v1/devices/sensor-0042/enroll/cbor");
-        let request = EnrollRequest::decode_cbor(payload).unwrap();
-        if let Some(reply) = self.replies.get(request.rid) {
-            return Some(reply.clone());
-        }
-        let answer = if self.answers.is_empty() {
-            Answer::Issue
-        } else {
-            self.answers.remove(0)
-        };
-        let reply = match answer {
-            Answer::Reject(code) => (REJECTED.to_owned(), Self::rejected_reply(request.rid, code)),
-            Answer::Issue if !verify_enrollment_proof(TOKEN, request.csr, request.proof) => (
-                REJECTED.to_owned(),
-                Self::rejected_reply(request.rid, "bad_proof"),
-            ),
-            Answer::Issue => {
-                use x509_parser::prelude::FromDer;
-                let (rest, csr) =
-                    x509_parser::certification_request::X509CertificationRequest::from_der(
-                        request.csr,
-                    )
-                    .unwrap();
-                assert!(rest.is_empty());
-                csr.verify_signature().unwrap();
-                let info = &csr.certification_request_info;
-                let cn = info.subject.iter_common_name().next().unwrap();
-                assert_eq!(cn.as_str().unwrap(), DEVICE);
-                let public_key = info.subject_pki.subject_public_key.data.to_vec();
-                let (certificate, serial) = self.certificate_for(&public_key);
-                self.issued += 1;
-                (
-                    ACCEPTED.to_owned(),
-                    self.issued_reply(request.rid, &certificate, &serial),
-                )
-            }
-        };
-        // Only final answers are remembered: `internal` asks for a retry.
-        if answer != Answer::Reject("internal") {
-            self.replies.insert(request.rid.to_owned(), reply.clone());
-        }
-        Some(reply)
-    }
-}
-
-fn fast_retry() -> RetryPolicy {
-    RetryPolicy {
-        initial_timeout_ms: 1_000,
-        max_timeout_ms: 8_000,
-        jitter_percent: 20,
-        max_attempts: 5,
-    }
-}
+use idgate_sim::FakeGateway;
+use idgate_sim::fake_gateway::Answer;
 
 fn start(store: &mut SoftKeyStore, now: u64) -> Enrollment<&mut SoftKeyStore> {
     start_with(store, TOKEN, now)
@@ -197,29 +42,14 @@ fn start_with<'a>(
     Enrollment::start(&config, store, rid, now).unwrap()
 }
 
-/// The next transmission's topic and payload.
-fn transmit(agent: &mut Enrollment<&mut SoftKeyStore>) -> Option<(String, Vec<u8>)> {
-    let mut buf = [0u8; MAX_REQUEST];
-    let t = agent.poll_transmit(&mut buf)?;
-    Some((t.topic.to_string(), buf[..t.len].to_vec()))
-}
-
-/// Advances the virtual clock to the agent's deadline and fires it.
-fn expire(agent: &mut Enrollment<&mut SoftKeyStore>, now: &mut u64) {
-    let deadline = agent.poll_timeout().expect("agent is waiting");
-    assert!(deadline > *now);
-    *now = deadline;
-    agent.handle_timeout(*now);
-}
-
 fn assert_enrolled(agent: &mut Enrollment<&mut SoftKeyStore>, gateway: &FakeGateway) {
     match agent.poll_event() {
-        Some(Event::Enrolled {
+        Some(Event::Enrolled(Certified {
             serial,
             not_after,
             gateway_time,
             ..
-        }) => {
+        })) => {
             assert_eq!(Some(serial.as_str()), agent.serial());
             assert_eq!(not_after, 1_700_086_400);
             assert_eq!(gateway_time, 1_700_000_300);
@@ -235,7 +65,7 @@ fn assert_enrolled(agent: &mut Enrollment<&mut SoftKeyStore>, gateway: &FakeGate
         &p256_spki(agent.public_key())[..]
     );
     let chain: Vec<&[u8]> = agent.chain().collect();
-    assert_eq!(chain, vec![&gateway.ca_der[..]]);
+    assert_eq!(chain, vec![gateway.ca_der()]);
     // The certified key is now the current one; nothing is staged.
     assert_eq!(
         agent.key_store().public_key(KeySlot::Current).unwrap(),
@@ -247,7 +77,7 @@ fn assert_enrolled(agent: &mut Enrollment<&mut SoftKeyStore>, gateway: &FakeGate
 #[test]
 fn happy_path() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start(&mut store, 0);
     assert_eq!(
         agent.subscriptions().each_ref().map(|t| t.as_str()),
@@ -279,7 +109,7 @@ fn happy_path() {
 #[test]
 fn lost_request_is_retransmitted_unchanged() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut now = 10_000;
     let mut agent = start(&mut store, now);
     let (_, first) = transmit(&mut agent).unwrap(); // lost on the way
@@ -301,7 +131,7 @@ fn lost_request_is_retransmitted_unchanged() {
 #[test]
 fn lost_reply_is_recovered_by_retransmission() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut now = 0;
     let mut agent = start(&mut store, now);
     let (topic, payload) = transmit(&mut agent).unwrap();
@@ -321,7 +151,7 @@ fn lost_reply_is_recovered_by_retransmission() {
 #[test]
 fn duplicate_reply_is_ignored() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start(&mut store, 0);
     let (topic, payload) = transmit(&mut agent).unwrap();
     let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
@@ -338,11 +168,11 @@ fn duplicate_reply_is_ignored() {
 #[test]
 fn reply_with_another_rid_is_ignored() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start(&mut store, 0);
     let (topic, payload) = transmit(&mut agent).unwrap();
     let public_key = agent.public_key().to_vec();
-    let (certificate, serial) = gateway.certificate_for(&public_key);
+    let (certificate, serial) = gateway.forge(DEVICE, &public_key, VALID);
     let forged = gateway.issued_reply("0000000000000000", &certificate, &serial);
     assert_eq!(
         agent.handle_message(1, ACCEPTED, &forged),
@@ -369,13 +199,13 @@ fn reply_with_another_rid_is_ignored() {
 #[test]
 fn certificate_for_another_key_is_refused() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start(&mut store, 0);
     let (topic, payload) = transmit(&mut agent).unwrap();
 
     let mut other = SoftKeyStore::new();
     let other_key = other.generate_next().unwrap();
-    let (certificate, serial) = gateway.certificate_for(&other_key);
+    let (certificate, serial) = gateway.forge(DEVICE, &other_key, VALID);
     let forged = gateway.issued_reply(agent.rid().as_str(), &certificate, &serial);
     assert_eq!(
         agent.handle_message(1, ACCEPTED, &forged),
@@ -402,7 +232,7 @@ fn certificate_for_another_key_is_refused() {
 #[test]
 fn replies_on_foreign_topics_are_ignored() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start(&mut store, 0);
     let (topic, payload) = transmit(&mut agent).unwrap();
     let (_, reply) = gateway.handle(&topic, &payload).unwrap();
@@ -440,8 +270,10 @@ fn replies_on_foreign_topics_are_ignored() {
 #[test]
 fn internal_rejection_is_retried() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
-    gateway.answers = vec![Answer::Reject("internal"), Answer::Reject("internal")];
+    let mut gateway = gateway();
+    gateway
+        .answers
+        .extend([Answer::Reject("internal"), Answer::Reject("internal")]);
     let mut now = 0;
     let mut agent = start(&mut store, now);
     for attempt in 1..=3 {
@@ -462,7 +294,7 @@ fn internal_rejection_is_retried() {
 #[test]
 fn final_rejection_stops() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start_with(&mut store, b"wrong token", 0);
     let (topic, payload) = transmit(&mut agent).unwrap();
     let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
@@ -503,39 +335,16 @@ fn unknown_rejection_codes_are_final() {
     }
 }
 
-/// Feeds every proper prefix of `reply`: each is undecodable and changes nothing.
-fn truncations(agent: &mut Enrollment<&mut SoftKeyStore>, topic: &str, reply: &[u8]) {
-    for cut in 0..reply.len() {
-        let result = agent.handle_message(1, topic, &reply[..cut]);
-        assert!(
-            matches!(result, Err(Error::Peer(PeerError::Decode(_)))),
-            "cut {cut}: {result:?}"
-        );
-        assert!(!agent.is_finished());
-    }
-    for garbage in [
-        &b"\xff"[..],
-        b"\xa0\xa0",
-        b"\xbf\xff",
-        b"{\"rid\":1}",
-        &[0u8; 3000],
-    ] {
-        assert!(agent.handle_message(1, topic, garbage).is_err());
-        assert!(!agent.is_finished());
-    }
-}
-
 #[test]
 fn truncated_and_garbage_replies_are_ignored() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let mut agent = start(&mut store, 0);
     let (topic, payload) = transmit(&mut agent).unwrap();
     let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
     let rejection = FakeGateway::rejected_reply(agent.rid().as_str(), "bad_proof");
     truncations(&mut agent, REJECTED, &rejection);
     truncations(&mut agent, &reply_topic, &reply);
-    assert_eq!(agent.poll_event(), None);
     agent.handle_message(2, &reply_topic, &reply).unwrap();
     assert_enrolled(&mut agent, &gateway);
 }
@@ -545,18 +354,9 @@ fn bit_flipped_replies_never_panic() {
     // A flipped bit may leave a valid reply (another serial, a changed chain, an
     // unknown rejection code) that ends the enrollment, so only panics are
     // checked, with a fresh device whenever a flip finished the previous one.
-    let mut gateway = FakeGateway::new();
+    let mut gateway = gateway();
     let fresh = |gateway: &mut FakeGateway| {
-        let config = Config {
-            device_id: DEVICE,
-            token: TOKEN,
-            retry: fast_retry(),
-        };
-        let rid = Rid::random(&mut rand::rngs::OsRng);
-        let mut agent = Enrollment::start(&config, SoftKeyStore::new(), rid, 0).unwrap();
-        let mut buf = [0u8; MAX_REQUEST];
-        let t = agent.poll_transmit(&mut buf).unwrap();
-        let (_, reply) = gateway.handle(&t.topic, &buf[..t.len]).unwrap();
+        let (agent, (_, reply)) = answered_enrollment(gateway);
         let rejection = FakeGateway::rejected_reply(agent.rid().as_str(), "internal");
         (agent, reply, rejection)
     };
@@ -631,32 +431,9 @@ fn gives_up_after_the_last_attempt() {
 #[test]
 fn promotion_failure_keeps_waiting() {
     let mut store = SoftKeyStore::new();
-    let mut gateway = FakeGateway::new();
-    let mut now = 0;
-    let mut agent = start(&mut store, now);
-    let (topic, payload) = transmit(&mut agent).unwrap();
-    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
-    agent.key_store_mut().fail_once(Operation::Promote);
-    assert_eq!(
-        agent.handle_message(now, &reply_topic, &reply),
-        Err(Error::Hardware(HardwareError::KeyStore {
-            operation: KeyOperation::Promote,
-            kind: ErrorKind::Communication
-        }))
-    );
-    assert!(!agent.is_finished());
-    assert_eq!(agent.poll_event(), None);
-    assert_eq!(
-        agent.ignored_messages(),
-        0,
-        "a good reply is not counted as ignored"
-    );
-    // The next retransmission brings the same certificate back.
-    expire(&mut agent, &mut now);
-    let (topic, payload) = transmit(&mut agent).unwrap();
-    let (reply_topic, again) = gateway.handle(&topic, &payload).unwrap();
-    assert_eq!(again, reply);
-    agent.handle_message(now, &reply_topic, &again).unwrap();
+    let mut gateway = gateway();
+    let mut agent = start(&mut store, 0);
+    promotion_failure_is_recovered(&mut agent, &mut gateway);
     assert_enrolled(&mut agent, &gateway);
 }
 

@@ -1,24 +1,19 @@
-//! One device's enrollment over a real MQTT connection: the `idgate-agent` state
-//! machine driven by a rumqttc event loop and a monotonic clock. This is the
-//! reference for how firmware wires the agent to its own MQTT stack.
+//! One device's enrollment over a real MQTT connection, and what a finished
+//! request leaves the device with ([`Enrolled`], also the result of a renewal).
 
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use idgate_agent::{Config, Enrollment, Error as AgentError, Event, MAX_REQUEST, RetryPolicy, Rid};
-use idgate_pki::protocol::{Format, Op, Reply, Topic, check_device_id};
+use idgate_agent::{Config, Enrollment, RetryPolicy};
 use p256::elliptic_curve::zeroize::Zeroizing;
-use rumqttc::{
-    AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter,
-    SubscribeReasonCode, TlsConfiguration, Transport,
-};
-use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::SimError;
+use crate::files::replace_file;
 use crate::keystore::SoftKeyStore;
 use crate::pem;
-use crate::tls::{BrokerAddress, client_config};
+use crate::session;
+use crate::tls::client_config;
 
 /// What [`enroll`] needs.
 #[derive(Clone)]
@@ -68,7 +63,7 @@ impl fmt::Debug for EnrollOptions {
     }
 }
 
-/// A finished enrollment: the key and what the gateway sent for it.
+/// A finished enrollment or renewal: the new key and what the gateway sent for it.
 #[derive(Clone)]
 pub struct Enrolled {
     /// The request id used.
@@ -120,188 +115,40 @@ impl Enrolled {
     }
 
     /// Writes `key.pem` (mode 0600), `cert.pem` and `chain.pem` into `dir`,
-    /// creating it if needed.
+    /// creating it if needed. Each file is replaced atomically, the key first;
+    /// the three together are not (see the crate's limitations).
     pub fn write_files(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        write_private(&dir.join("key.pem"), self.key_pem.as_bytes())?;
-        std::fs::write(dir.join("cert.pem"), self.certificate_pem())?;
-        std::fs::write(dir.join("chain.pem"), self.chain_pem())
+        replace_file(&dir.join("key.pem"), self.key_pem.as_bytes(), true)?;
+        replace_file(
+            &dir.join("cert.pem"),
+            self.certificate_pem().as_bytes(),
+            false,
+        )?;
+        replace_file(&dir.join("chain.pem"), self.chain_pem().as_bytes(), false)
     }
-}
-
-/// Writes a secret file readable by its owner only, from the moment it exists.
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    // An existing file keeps its old mode through open(); narrow it first.
-    #[cfg(unix)]
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    file.write_all(contents)?;
-    file.sync_all()
-}
-
-/// The reply topics of `device_id`'s CBOR enrollment (accepted, rejected).
-fn reply_topics(device_id: &str) -> [String; 2] {
-    let request = Topic::request(device_id, Op::Enroll, Format::Cbor);
-    [
-        request.with_reply(Reply::Accepted).to_string(),
-        request.with_reply(Reply::Rejected).to_string(),
-    ]
 }
 
 /// Enrolls one simulated device: connects over TLS (MQTT 3.1.1, client id =
 /// device id), subscribes to the reply topics, and runs the agent until it
 /// reports an outcome or `options.timeout` passes.
 pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, SimError> {
-    let deadline = Instant::now() + options.timeout;
-    let address = BrokerAddress::parse(&options.broker)?;
-    // rumqttc panics on some client ids; the protocol's id syntax excludes them.
-    check_device_id(&options.device_id)
-        .map_err(|e| SimError::Agent(idgate_agent::UsageError::BadDeviceId(e).into()))?;
+    let target = session::Target::new(&options.broker, &options.device_id, options.timeout)?;
     let tls = client_config(&options.ca_pem)?;
-
-    let mut mqtt = MqttOptions::new(&options.device_id, &address.host, address.port);
-    mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
-
-    // Subscribe before publishing anything: replies are not retained, so one
-    // that arrived before the subscription would be lost.
-    let topics = reply_topics(&options.device_id);
-    client.try_subscribe_many(
-        topics
-            .iter()
-            .map(|topic| SubscribeFilter::new(topic.clone(), QoS::AtLeastOnce)),
-    )?;
-    loop {
-        let event = timeout_at(deadline, eventloop.poll())
-            .await
-            .map_err(|_| SimError::Timeout(options.timeout))??;
-        match event {
-            MqttEvent::Incoming(Packet::ConnAck(_)) => {
-                tracing::debug!(broker = %options.broker, "connected");
-            }
-            MqttEvent::Incoming(Packet::SubAck(ack)) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|code| matches!(code, SubscribeReasonCode::Failure))
-                {
-                    return Err(SimError::SubscribeRefused);
-                }
-                break;
-            }
-            _ => {}
-        }
-    }
-
-    let clock = Instant::now();
-    let now_ms = || u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let mut key_store = SoftKeyStore::new();
     let config = Config {
         device_id: &options.device_id,
         token: options.token.as_bytes(),
         retry: options.retry,
     };
-    let rid = Rid::random(&mut rand::rngs::OsRng);
-    let mut agent = Enrollment::start(&config, &mut key_store, rid, now_ms())?;
-    debug_assert_eq!(
-        agent.subscriptions().each_ref().map(|t| t.to_string()),
-        topics
-    );
-    tracing::info!(device_id = %options.device_id, rid = %agent.rid(), "enrolling");
-
-    let mut buf = [0u8; MAX_REQUEST];
-    let (event, attempts) = loop {
-        while let Some(transmit) = agent.poll_transmit(&mut buf) {
-            tracing::debug!(attempt = transmit.attempt, "publishing enroll request");
-            client.try_publish(
-                transmit.topic.as_str(),
-                QoS::AtLeastOnce,
-                false,
-                buf[..transmit.len].to_vec(),
-            )?;
-        }
-        if let Some(event) = agent.poll_event() {
-            break (event, agent.attempts());
-        }
-        // The agent is waiting whenever it has no event, so it has a deadline.
-        let wake = clock + Duration::from_millis(agent.poll_timeout().unwrap_or(u64::MAX / 2));
-        tokio::select! {
-            () = sleep_until(deadline) => return Err(SimError::Timeout(options.timeout)),
-            () = sleep_until(wake) => agent.handle_timeout(now_ms()),
-            polled = eventloop.poll() => {
-                if let MqttEvent::Incoming(Packet::Publish(publish)) = polled? {
-                    match agent.handle_message(now_ms(), &publish.topic, &publish.payload) {
-                        Ok(()) => {}
-                        Err(AgentError::Peer(reason)) => {
-                            tracing::warn!(topic = %publish.topic, %reason, "ignored a message");
-                        }
-                        // The agent keeps waiting; a retransmission brings the
-                        // same certificate back and promotion is tried again.
-                        Err(e) => tracing::error!(error = %e, "agent error"),
-                    }
-                }
-            }
-        }
-    };
-    let rid = agent.rid().to_string();
-    let certificate = agent.certificate().map(<[u8]>::to_vec);
-    let chain: Vec<Vec<u8>> = agent.chain().map(<[u8]>::to_vec).collect();
-    drop(agent);
-    // Leave the broker politely; the outcome does not depend on it.
-    let _ = client.try_disconnect();
-
-    match event {
-        Event::Enrolled {
-            serial,
-            not_before,
-            not_after,
-            gateway_time,
-            renew_after,
-            renew_before,
-            ..
-        } => Ok(Enrolled {
-            rid,
-            key_pem: key_store.current_key_pem()?,
-            certificate: certificate.ok_or(SimError::Internal("enrolled without a certificate"))?,
-            chain,
-            serial: serial.to_string(),
-            not_before,
-            not_after,
-            gateway_time,
-            renew_after,
-            renew_before,
-            attempts,
-        }),
-        Event::Rejected(rejection) => Err(SimError::Rejected {
-            code: rejection.code_str().to_owned(),
-            message: rejection.message().to_owned(),
-        }),
-        Event::GaveUp { attempts } => Err(SimError::GaveUp { attempts }),
-        _ => Err(SimError::Internal("unknown agent event")),
-    }
+    session::run(&target, tls, |now_ms, rid| {
+        Enrollment::start(&config, SoftKeyStore::new(), rid, now_ms)
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reply_topics_match_the_protocol() {
-        assert_eq!(
-            reply_topics("sensor-1"),
-            [
-                "idgate/v1/devices/sensor-1/enroll/cbor/accepted",
-                "idgate/v1/devices/sensor-1/enroll/cbor/rejected"
-            ]
-        );
-    }
 
     #[test]
     fn options_hide_the_token() {

@@ -10,7 +10,7 @@ use idgate_hal::{ErrorKind, ErrorType, KeySlot, KeyStore, P256PublicKey, P256Sig
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::elliptic_curve::zeroize::Zeroizing;
-use p256::pkcs8::{EncodePrivateKey, LineEnding};
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 
 /// A key store operation, to name the one a fault is injected into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +36,8 @@ pub enum SoftKeyError {
     Injected(Operation),
     /// The key could not be encoded.
     Encoding,
+    /// A key given to the store is not a P-256 PKCS#8 key.
+    BadKey,
 }
 
 impl fmt::Display for SoftKeyError {
@@ -44,6 +46,7 @@ impl fmt::Display for SoftKeyError {
             SoftKeyError::NoKey(slot) => write!(f, "no key in the {slot:?} slot"),
             SoftKeyError::Injected(operation) => write!(f, "injected fault in {operation:?}"),
             SoftKeyError::Encoding => f.write_str("the key could not be encoded"),
+            SoftKeyError::BadKey => f.write_str("not a P-256 PKCS#8 private key"),
         }
     }
 }
@@ -56,7 +59,7 @@ impl idgate_hal::Error for SoftKeyError {
             SoftKeyError::NoKey(_) => ErrorKind::NoKey,
             // An injected fault plays a flaky bus to a secure element.
             SoftKeyError::Injected(_) => ErrorKind::Communication,
-            SoftKeyError::Encoding => ErrorKind::Other,
+            SoftKeyError::Encoding | SoftKeyError::BadKey => ErrorKind::Other,
         }
     }
 }
@@ -92,6 +95,14 @@ impl SoftKeyStore {
             current: Some(key),
             ..SoftKeyStore::default()
         }
+    }
+
+    /// A store whose current key is the P-256 key in `pem` (PKCS#8,
+    /// `-----BEGIN PRIVATE KEY-----`), as [`current_key_pem`](Self::current_key_pem)
+    /// writes it.
+    pub fn from_current_key_pem(pem: &str) -> Result<SoftKeyStore, SoftKeyError> {
+        let key = SigningKey::from_pkcs8_pem(pem).map_err(|_| SoftKeyError::BadKey)?;
+        Ok(SoftKeyStore::with_current(key))
     }
 
     /// Makes the next call of `operation` fail once.
@@ -182,7 +193,6 @@ mod tests {
     use super::*;
     use p256::ecdsa::VerifyingKey;
     use p256::ecdsa::signature::hazmat::PrehashVerifier;
-    use p256::pkcs8::DecodePrivateKey;
 
     #[test]
     fn rotation_keeps_the_current_key_until_promotion() {
@@ -203,8 +213,12 @@ mod tests {
 
         let pem = store.current_key_pem().unwrap();
         assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
-        let back = SigningKey::from_pkcs8_pem(&pem).unwrap();
-        assert_eq!(public_key_of(&back).unwrap(), next);
+        let back = SoftKeyStore::from_current_key_pem(&pem).unwrap();
+        assert_eq!(back.public_key(KeySlot::Current).unwrap(), next);
+        assert_eq!(
+            SoftKeyStore::from_current_key_pem("-----BEGIN PRIVATE KEY-----\n").err(),
+            Some(SoftKeyError::BadKey)
+        );
     }
 
     #[test]

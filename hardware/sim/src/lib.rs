@@ -1,18 +1,25 @@
 //! Host-side stand-ins for device hardware and a device simulator: a software
-//! [`KeyStore`](idgate_hal::KeyStore) ([`SoftKeyStore`]) and [`enroll`], which
-//! runs the real firmware agent over a real MQTT/TLS connection. The
-//! `idgate-sim` binary is a thin command line over this library.
+//! [`KeyStore`](idgate_hal::KeyStore) ([`SoftKeyStore`]), [`enroll`] and
+//! [`renew`], which run the real firmware agent over a real MQTT/TLS
+//! connection, the device's files ([`files`]), and a sans-IO [`FakeGateway`]
+//! for tests. The `idgate-sim` binary is a thin command line over this library.
 
 mod enroll;
+pub mod fake_gateway;
+pub mod files;
 mod keystore;
 mod pem;
+mod renew;
+mod session;
 mod tls;
 
 pub use enroll::{EnrollOptions, Enrolled, enroll};
+pub use fake_gateway::FakeGateway;
 pub use keystore::{Operation, SoftKeyError, SoftKeyStore};
-pub use tls::{BrokerAddress, client_config};
+pub use renew::{RenewOptions, Renewed, renew};
+pub use tls::{BrokerAddress, client_config, client_config_with_certificate};
 
-/// Why a simulated enrollment did not produce a certificate.
+/// Why a simulated enrollment or renewal did not produce a certificate.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SimError {
@@ -22,6 +29,10 @@ pub enum SimError {
     /// The CA file is unusable.
     #[error("CA file: {0}")]
     Ca(String),
+    /// The device's current key or certificate is unusable, or they do not
+    /// belong together.
+    #[error("current identity: {0}")]
+    Identity(String),
     /// TLS could not be set up.
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
@@ -40,7 +51,7 @@ pub enum SimError {
     /// The broker refused our subscription to the reply topics.
     #[error("the broker refused the subscription to the reply topics")]
     SubscribeRefused,
-    /// The gateway refused the enrollment.
+    /// The gateway refused the request.
     #[error("rejected: {code}: {message}")]
     Rejected {
         /// The rejection code as sent.

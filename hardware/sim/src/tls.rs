@@ -1,11 +1,12 @@
 //! The simulator's side of TLS: which server to trust (only the CA file we were
-//! given) and what name to check (the host part of the broker address, which may
-//! be an IP address).
+//! given), what name to check (the host part of the broker address, which may
+//! be an IP address), and which client certificate to present, if any.
 
 use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::client::WantsClientCert;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
 
 use crate::SimError;
 
@@ -42,27 +43,55 @@ impl BrokerAddress {
 }
 
 /// A rustls client configuration that trusts exactly the certificates in
-/// `ca_pem` (every one of them, so a bundle covering a CA rollover works). The
-/// crypto provider is chosen here rather than taken from a process default, so
-/// the simulator behaves the same whatever else is linked in.
+/// `ca_pem` (every one of them, so a bundle covering a CA rollover works) and
+/// presents no client certificate.
 pub fn client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>, SimError> {
+    Ok(Arc::new(trusting(ca_pem)?.with_no_client_auth()))
+}
+
+/// Like [`client_config`], presenting `certificate_pem` (the device certificate
+/// first, then any issuers to send along) with the private key in `key_pem`
+/// (PKCS#8) as the client certificate: mutual TLS.
+pub fn client_config_with_certificate(
+    ca_pem: &[u8],
+    certificate_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<ClientConfig>, SimError> {
+    let chain = certificates(certificate_pem).map_err(SimError::Identity)?;
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| SimError::Identity(format!("unreadable key PEM: {e}")))?
+        .ok_or_else(|| SimError::Identity("no PRIVATE KEY in the key PEM".to_owned()))?;
+    Ok(Arc::new(
+        trusting(ca_pem)?.with_client_auth_cert(chain, key)?,
+    ))
+}
+
+/// The `CERTIFICATE` blocks of a PEM text, in order; at least one.
+pub(crate) fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unreadable PEM: {e}"))?;
+    if certificates.is_empty() {
+        return Err("no CERTIFICATE in the PEM".to_owned());
+    }
+    Ok(certificates)
+}
+
+/// A configuration builder that trusts the CAs in `ca_pem`. The crypto provider
+/// is chosen here rather than taken from a process default, so the simulator
+/// behaves the same whatever else is linked in.
+fn trusting(ca_pem: &[u8]) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, SimError> {
     let mut roots = RootCertStore::empty();
-    let mut reader = ca_pem;
-    for certificate in rustls_pemfile::certs(&mut reader) {
-        let certificate = certificate.map_err(|e| SimError::Ca(format!("unreadable PEM: {e}")))?;
+    for certificate in certificates(ca_pem).map_err(SimError::Ca)? {
         roots
             .add(certificate)
             .map_err(|e| SimError::Ca(format!("unusable CA certificate: {e}")))?;
     }
-    if roots.is_empty() {
-        return Err(SimError::Ca("no CERTIFICATE in the CA file".to_owned()));
-    }
-    let config =
+    Ok(
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    Ok(Arc::new(config))
+            .with_root_certificates(roots),
+    )
 }
 
 #[cfg(test)]

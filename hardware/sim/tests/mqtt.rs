@@ -1,57 +1,33 @@
 //! The simulator over real MQTT and real TLS, without the real gateway: rumqttd
-//! routes, a tokio-rustls front terminates TLS with a test CA, and a fake gateway
-//! (a plain MQTT client issuing with rcgen) answers. This checks the wiring of
-//! the agent to rumqttc: subscriptions before publishing, retransmission on a
-//! lost request, TLS trust, the files written and the command line.
+//! routes, a tokio-rustls front terminates TLS with a test CA (verifying client
+//! certificates when one is presented, as the gateway's front will), and the
+//! sans-IO [`FakeGateway`] behind a plain MQTT client answers. This checks the
+//! wiring of the agent to rumqttc: subscriptions before publishing,
+//! retransmission on a lost request, TLS trust and client certificates, the
+//! files written and the command line.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idgate_agent::RetryPolicy;
-use idgate_pki::protocol::{EnrollRequest, Issued, Rejected, Topic, verify_enrollment_proof};
-use idgate_sim::{EnrollOptions, SimError, enroll};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
-    PublicKeyData, SignatureAlgorithm,
-};
+use idgate_hal::{KeySlot, KeyStore};
+use idgate_sim::fake_gateway::Answer;
+use idgate_sim::{EnrollOptions, FakeGateway, RenewOptions, SimError, SoftKeyStore, enroll, renew};
+use rcgen::{CertificateParams, KeyPair};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const TOKEN: &str = "abcdefghijklmnopqrstuvwxyz234567";
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-    der: Vec<u8>,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let certificate = params.self_signed(&key).unwrap();
-    Ca {
-        pem: certificate.pem(),
-        der: certificate.der().to_vec(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-struct CsrKey(Vec<u8>);
-
-impl PublicKeyData for CsrKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.0
-    }
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        &PKCS_ECDSA_P256_SHA256
-    }
-}
+/// The fake gateway, shared with its MQTT task.
+type Gateway = Arc<Mutex<FakeGateway>>;
+/// The client certificate each TLS connection presented (DER), in order.
+type Presented = Arc<Mutex<Vec<Option<Vec<u8>>>>>;
 
 fn free_port() -> SocketAddr {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -104,34 +80,55 @@ async fn start_broker() -> SocketAddr {
     panic!("rumqttd did not start");
 }
 
-/// A TLS front for 127.0.0.1 with a certificate from `ca`, forwarding to `upstream`.
-async fn start_tls_front(ca: &Ca, upstream: SocketAddr) -> SocketAddr {
+/// A TLS front for 127.0.0.1 with a certificate from the gateway's CA,
+/// forwarding to `upstream`. A client certificate is optional; one that is
+/// presented must chain to the gateway's CA.
+async fn start_tls_front(gateway: &Gateway, upstream: SocketAddr) -> (SocketAddr, Presented) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let key = KeyPair::generate().unwrap();
     let params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    let certificate = params.signed_by(&key, &ca.issuer).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from(certificate.der().to_vec())],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    let (certificate, roots) = {
+        let gateway = gateway.lock().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(gateway.ca_der().to_vec()))
+            .unwrap();
+        (params.signed_by(&key, gateway.issuer()).unwrap(), roots)
+    };
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
     )
+    .allow_unauthenticated()
+    .build()
     .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(certificate.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .unwrap();
     let address = listener.local_addr().unwrap();
+    let presented = Presented::default();
+    let log = presented.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let log = log.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let client = tls.get_ref().1.peer_certificates();
+                let client = client.and_then(|chain| chain.first()).map(|c| c.to_vec());
+                log.lock().unwrap().push(client);
                 let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
                 };
@@ -139,24 +136,22 @@ async fn start_tls_front(ca: &Ca, upstream: SocketAddr) -> SocketAddr {
             });
         }
     });
-    address
+    (address, presented)
 }
 
-/// Answers enroll requests: drops the first `drop_first`, then issues (or
-/// rejects a bad proof), answering a repeated rid the same way.
-async fn start_fake_gateway(broker: SocketAddr, ca: Ca, drop_first: usize) {
+/// Puts the fake gateway behind the broker: requests of every device and
+/// operation in, replies out.
+async fn start_fake_gateway(broker: SocketAddr, gateway: Gateway) {
     let mut options = MqttOptions::new("fake-gateway", "127.0.0.1", broker.port());
     options.set_max_packet_size(64 * 1024, 64 * 1024);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client
-        .subscribe("idgate/v1/devices/+/enroll/cbor", QoS::AtLeastOnce)
+        .subscribe("idgate/v1/devices/+/+/cbor", QoS::AtLeastOnce)
         .await
         .unwrap();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut ready = Some(ready_tx);
-        let mut seen = 0;
-        let mut replies: HashMap<String, (String, Vec<u8>)> = HashMap::new();
         loop {
             let event = match eventloop.poll().await {
                 Ok(event) => event,
@@ -172,20 +167,16 @@ async fn start_fake_gateway(broker: SocketAddr, ca: Ca, drop_first: usize) {
                     }
                 }
                 Event::Incoming(Packet::Publish(publish)) => {
-                    seen += 1;
-                    if seen <= drop_first {
-                        continue;
+                    let reply = gateway
+                        .lock()
+                        .unwrap()
+                        .handle(&publish.topic, &publish.payload);
+                    if let Some((topic, payload)) = reply {
+                        client
+                            .publish(topic, QoS::AtMostOnce, false, payload)
+                            .await
+                            .unwrap();
                     }
-                    let topic = Topic::parse(&publish.topic).unwrap();
-                    let request = EnrollRequest::decode_cbor(&publish.payload).unwrap();
-                    let reply = replies
-                        .entry(request.rid.to_owned())
-                        .or_insert_with(|| answer(&ca, topic, &request))
-                        .clone();
-                    client
-                        .publish(reply.0, QoS::AtMostOnce, false, reply.1)
-                        .await
-                        .unwrap();
                 }
                 _ => {}
             }
@@ -194,168 +185,391 @@ async fn start_fake_gateway(broker: SocketAddr, ca: Ca, drop_first: usize) {
     ready_rx.await.unwrap();
 }
 
-fn answer(ca: &Ca, topic: Topic<'_>, request: &EnrollRequest<'_>) -> (String, Vec<u8>) {
-    let mut out = vec![0u8; 8192];
-    if !verify_enrollment_proof(TOKEN.as_bytes(), request.csr, request.proof) {
-        let n = Rejected {
-            rid: request.rid,
-            code: "bad_proof",
-            message: "the proof does not match",
-        }
-        .encode_cbor(&mut out)
-        .unwrap();
-        out.truncate(n);
-        let topic = topic.with_reply(idgate_pki::protocol::Reply::Rejected);
-        return (topic.to_string(), out);
-    }
-    use x509_parser::prelude::FromDer;
-    let (_, csr) =
-        x509_parser::certification_request::X509CertificationRequest::from_der(request.csr)
-            .unwrap();
-    csr.verify_signature().unwrap();
-    let public_key = csr
-        .certification_request_info
-        .subject_pki
-        .subject_public_key
-        .data
-        .to_vec();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, topic.device_id);
-    params.serial_number = Some(vec![0x01, 0x02, 0x03].into());
-    let certificate = params.signed_by(&CsrKey(public_key), &ca.issuer).unwrap();
-    let mut chain = heapless::Vec::new();
-    chain.push(&ca.der[..]).unwrap();
-    let n = Issued {
-        rid: request.rid,
-        certificate: certificate.der(),
-        chain,
-        serial: "010203",
-        not_before: 1_700_000_000,
-        not_after: 1_700_086_400,
-        time: 1_700_000_300,
-        renew_after: 1_700_043_200,
-        renew_before: 1_700_069_120,
-    }
-    .encode_cbor(&mut out)
-    .unwrap();
-    out.truncate(n);
-    let topic = topic.with_reply(idgate_pki::protocol::Reply::Accepted);
-    (topic.to_string(), out)
+struct Setup {
+    front: SocketAddr,
+    ca_pem: String,
+    gateway: Gateway,
+    presented: Presented,
 }
 
-/// A broker behind TLS with a fake gateway; returns the TLS address and the CA PEM.
-async fn setup(drop_first: usize) -> (SocketAddr, String) {
-    let ca = ca("test root");
+/// A broker behind TLS with a fake gateway that drops the first `drop_first`
+/// requests.
+async fn setup(drop_first: usize) -> Setup {
+    let mut fake = FakeGateway::new(TOKEN);
+    fake.answers
+        .extend(std::iter::repeat_n(Answer::Drop, drop_first));
+    let ca_pem = fake.ca_pem().to_owned();
+    let gateway = Arc::new(Mutex::new(fake));
     let broker = start_broker().await;
-    let front = start_tls_front(&ca, broker).await;
-    let pem = ca.pem.clone();
-    start_fake_gateway(broker, ca, drop_first).await;
-    (front, pem)
+    let (front, presented) = start_tls_front(&gateway, broker).await;
+    start_fake_gateway(broker, gateway.clone()).await;
+    Setup {
+        front,
+        ca_pem,
+        gateway,
+        presented,
+    }
 }
 
-fn fast(options: &mut EnrollOptions) {
-    options.timeout = Duration::from_secs(20);
-    options.retry = RetryPolicy {
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
         initial_timeout_ms: 300,
         max_timeout_ms: 1_000,
         ..RetryPolicy::DEFAULT
-    };
+    }
+}
+
+fn enroll_options(setup: &Setup, device_id: &str, token: &str) -> EnrollOptions {
+    let mut options = EnrollOptions::new(
+        setup.front.to_string(),
+        setup.ca_pem.clone(),
+        device_id,
+        token,
+    );
+    options.timeout = Duration::from_secs(20);
+    options.retry = fast_retry();
+    options
+}
+
+/// The SPKI of the public key of a PKCS#8 PEM private key.
+fn spki_of_key(key_pem: &str) -> Vec<u8> {
+    let store = SoftKeyStore::from_current_key_pem(key_pem).unwrap();
+    idgate_pki::csr::p256_spki(&store.public_key(KeySlot::Current).unwrap()).to_vec()
+}
+
+fn spki_of_certificate(der: &[u8]) -> Vec<u8> {
+    idgate_pki::der::certificate_spki(der).unwrap().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolls_over_tls_after_a_lost_request() {
-    let (front, ca_pem) = setup(1).await;
-    let mut options = EnrollOptions::new(front.to_string(), ca_pem, "sim-0001", TOKEN);
-    fast(&mut options);
-    let enrolled = enroll(&options).await.unwrap();
+    let setup = setup(1).await;
+    let enrolled = enroll(&enroll_options(&setup, "sim-0001", TOKEN))
+        .await
+        .unwrap();
     assert_eq!(enrolled.attempts, 2);
     assert_eq!(enrolled.serial, "010203");
     assert_eq!(enrolled.chain.len(), 1);
-
     // The exported key is the certified one.
-    use p256::pkcs8::DecodePrivateKey;
-    let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&enrolled.key_pem).unwrap();
-    let point = key.verifying_key().to_encoded_point(false);
-    let spki = idgate_pki::der::certificate_spki(&enrolled.certificate).unwrap();
     assert_eq!(
-        spki,
-        &idgate_pki::csr::p256_spki(point.as_bytes().try_into().unwrap())[..]
+        spki_of_certificate(&enrolled.certificate),
+        spki_of_key(&enrolled.key_pem)
     );
+    // No client certificate to present yet.
+    assert_eq!(*setup.presented.lock().unwrap(), vec![None]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejection_is_reported() {
-    let (front, ca_pem) = setup(0).await;
-    let mut options = EnrollOptions::new(front.to_string(), ca_pem, "sim-0002", "wrong");
-    fast(&mut options);
-    match enroll(&options).await {
-        Err(e @ SimError::Rejected { .. }) => assert_eq!(
-            e.to_string(),
-            "rejected: bad_proof: the proof does not match"
-        ),
+    let setup = setup(0).await;
+    match enroll(&enroll_options(&setup, "sim-0002", "wrong")).await {
+        Err(e @ SimError::Rejected { .. }) => {
+            assert_eq!(e.to_string(), "rejected: bad_proof: fake gateway says no")
+        }
         other => panic!("expected a rejection, got {other:?}"),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_server_is_refused() {
-    let (front, _) = setup(0).await;
-    let other = ca("someone else");
-    let mut options = EnrollOptions::new(front.to_string(), other.pem, "sim-0003", TOKEN);
-    fast(&mut options);
+    let setup = setup(0).await;
+    let mut options = enroll_options(&setup, "sim-0003", TOKEN);
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (params.distinguished_name).push(rcgen::DnType::CommonName, "someone else");
+    let other = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    options.ca_pem = other.pem().into_bytes();
     match enroll(&options).await {
         Err(SimError::Connection(e)) => assert!(e.to_string().contains("UnknownIssuer"), "{e}"),
         other => panic!("expected a TLS failure, got {other:?}"),
     }
 }
 
+fn renew_options(
+    setup: &Setup,
+    device_id: &str,
+    key_pem: &str,
+    certificate_pem: String,
+    counter: u64,
+) -> RenewOptions {
+    let mut options = RenewOptions::new(
+        setup.front.to_string(),
+        setup.ca_pem.clone(),
+        device_id,
+        key_pem,
+        certificate_pem,
+        counter,
+    );
+    options.timeout = Duration::from_secs(20);
+    options.retry = fast_retry();
+    options
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn command_line_writes_files_and_reports_rejections() {
-    let (front, ca_pem) = setup(0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
-    let out = dir.path().join("device");
-    let run = move |token: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_idgate-sim"))
-            .args(["enroll", "--broker", &front.to_string(), "--id", "sim-0004"])
-            .arg("--ca")
-            .arg(&ca_file)
-            .arg("--out")
-            .arg(&out)
-            .args(["--timeout", "20"])
-            .env("IDGATE_TOKEN", token)
-            .output()
-            .unwrap()
-    };
-    let output = tokio::task::spawn_blocking(move || (run(TOKEN), run("wrong")))
+async fn renews_with_the_current_certificate_as_client_certificate() {
+    let setup = setup(0).await;
+    let enrolled = enroll(&enroll_options(&setup, "sim-0010", TOKEN))
         .await
         .unwrap();
-    let (ok, rejected) = output;
+    // A lost renew request on the way, to see the retransmission over MQTT.
+    setup
+        .gateway
+        .lock()
+        .unwrap()
+        .answers
+        .push_back(Answer::Drop);
+    let certificate_pem = enrolled.certificate_pem() + &enrolled.chain_pem();
+    let options = renew_options(&setup, "sim-0010", &enrolled.key_pem, certificate_pem, 1);
+    let renewed = renew(&options).await.unwrap();
+    assert!(renewed.client_certificate);
+    assert_eq!(renewed.previous_serial, enrolled.serial);
+    assert_eq!(renewed.serial, renewed.certified.serial);
+    assert_eq!(renewed.counter, 1);
+    let certified = &renewed.certified;
+    assert_eq!(certified.attempts, 2);
+    assert_ne!(certified.serial, enrolled.serial);
+    // A new key, and the new certificate is for it.
+    assert_ne!(
+        spki_of_key(&certified.key_pem),
+        spki_of_key(&enrolled.key_pem)
+    );
+    assert_eq!(
+        spki_of_certificate(&certified.certificate),
+        spki_of_key(&certified.key_pem)
+    );
+    // The front saw the old certificate on the renewal's connection; the fake
+    // issued only after checking the signature against it.
+    assert_eq!(
+        *setup.presented.lock().unwrap(),
+        vec![None, Some(enrolled.certificate.clone())]
+    );
+    let gateway = setup.gateway.lock().unwrap();
+    assert_eq!((gateway.issued, gateway.counter("sim-0010")), (2, Some(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate_renews_anonymously() {
+    let setup = setup(0).await;
+    let mut store = SoftKeyStore::new();
+    store.generate_next().unwrap();
+    store.promote_next().unwrap();
+    let key_pem = store.current_key_pem().unwrap();
+    let public_key = store.public_key(KeySlot::Current).unwrap();
+    // Valid for one hour in 2023.
+    let (certificate, serial) = setup.gateway.lock().unwrap().issue(
+        "sim-0011",
+        &public_key,
+        (1_700_000_000, 1_700_003_600),
+    );
+    let certificate_pem = idgate_pki::ca::to_pem(&[&certificate]);
+    let options = renew_options(&setup, "sim-0011", &key_pem, certificate_pem, 5);
+    let renewed = renew(&options).await.unwrap();
+    assert!(!renewed.client_certificate);
+    assert_eq!(renewed.previous_serial, serial);
+    assert_eq!(*setup.presented.lock().unwrap(), vec![None]);
+    assert_eq!(
+        spki_of_certificate(&renewed.certified.certificate),
+        spki_of_key(&renewed.certified.key_pem)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_rejection_is_reported() {
+    let setup = setup(0).await;
+    let enrolled = enroll(&enroll_options(&setup, "sim-0012", TOKEN))
+        .await
+        .unwrap();
+    setup.gateway.lock().unwrap().set_counter("sim-0012", 9);
+    let options = renew_options(
+        &setup,
+        "sim-0012",
+        &enrolled.key_pem,
+        enrolled.certificate_pem(),
+        9,
+    );
+    match renew(&options).await {
+        Err(e @ SimError::Rejected { .. }) => {
+            assert_eq!(
+                e.to_string(),
+                "rejected: counter_replay: fake gateway says no"
+            )
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// Runs the `idgate-sim` binary.
+fn sim(args: &[&str], ca_file: &Path, token: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_idgate-sim"))
+        .args(args)
+        .arg("--ca")
+        .arg(ca_file)
+        .args(["--timeout", "20"])
+        .env("IDGATE_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap()
+}
+
+fn key_mode(dir: &Path) -> u32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+    #[cfg(not(unix))]
+    0o600
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_enrolls_and_reports_rejections() {
+    let setup = setup(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &setup.ca_pem).unwrap();
+    let out = dir.path().join("device");
+    let broker = setup.front.to_string();
+    let (ok, rejected) = tokio::task::spawn_blocking({
+        let (ca_file, out) = (ca_file.clone(), out.clone());
+        move || {
+            let args = [
+                "enroll",
+                "--broker",
+                &broker,
+                "--id",
+                "sim-0004",
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            (sim(&args, &ca_file, TOKEN), sim(&args, &ca_file, "wrong"))
+        }
+    })
+    .await
+    .unwrap();
     assert!(
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("serial: 010203"));
-    let out = dir.path().join("device");
     for file in ["key.pem", "cert.pem", "chain.pem"] {
         assert!(out.join(file).exists(), "{file}");
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(out.join("key.pem"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
+    assert_eq!(key_mode(&out), 0o600);
     assert_eq!(rejected.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&rejected.stderr).trim(),
-        "rejected: bad_proof: the proof does not match"
+        "rejected: bad_proof: fake gateway says no"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_renews_and_keeps_the_counter_growing() {
+    let setup = setup(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &setup.ca_pem).unwrap();
+    let device = dir.path().join("device");
+    enroll(&enroll_options(&setup, "sim-0020", TOKEN))
+        .await
+        .unwrap()
+        .write_files(&device)
+        .unwrap();
+    let enrolled_cert = read(&device, "cert.pem");
+    let broker = setup.front.to_string();
+    let run = {
+        let (ca_file, device) = (ca_file.clone(), device.clone());
+        move |broker: &str| {
+            let args = [
+                "renew",
+                "--broker",
+                broker,
+                "--id",
+                "sim-0020",
+                "--dir",
+                device.to_str().unwrap(),
+            ];
+            sim(&args, &ca_file, "")
+        }
+    };
+
+    // Two renewals: counter 1, then 2; files replaced each time.
+    let (first, before_second, second) = tokio::task::spawn_blocking({
+        let (run, broker, device) = (run.clone(), broker.clone(), device.clone());
+        move || {
+            let first = run(&broker);
+            let before_second = (read(&device, "key.pem"), read(&device, "cert.pem"));
+            (first, before_second, run(&broker))
+        }
+    })
+    .await
+    .unwrap();
+    for output in [&first, &second] {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("connected: with the current certificate"),
+            "{stdout}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&first.stdout).contains("counter: 1"));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("counter: 2"));
+    assert_eq!(read(&device, "counter"), "2\n");
+    assert_ne!(before_second.1, enrolled_cert);
+    assert_ne!(read(&device, "cert.pem"), before_second.1);
+    assert_ne!(read(&device, "key.pem"), before_second.0);
+    assert_eq!(key_mode(&device), 0o600);
+    let certificate = rustls_pemfile::certs(&mut read(&device, "cert.pem").as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        spki_of_certificate(&certificate),
+        spki_of_key(&read(&device, "key.pem"))
+    );
+    assert!(read(&device, "chain.pem").contains("BEGIN CERTIFICATE"));
+    assert_eq!(setup.gateway.lock().unwrap().counter("sim-0020"), Some(2));
+
+    // A rejection (the gateway has seen counter 50) and an unreachable broker:
+    // exit 2 and 1, the files untouched, the counter advanced all the same.
+    setup.gateway.lock().unwrap().set_counter("sim-0020", 50);
+    let files = ["key.pem", "cert.pem", "chain.pem"].map(|name| read(&device, name));
+    let unreachable = format!("127.0.0.1:{}", free_port().port());
+    let (rejected, failed) = tokio::task::spawn_blocking(move || (run(&broker), run(&unreachable)))
+        .await
+        .unwrap();
+    assert_eq!(rejected.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&rejected.stderr).trim(),
+        "rejected: counter_replay: fake gateway says no"
+    );
+    assert_eq!(
+        failed.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert_eq!(
+        ["key.pem", "cert.pem", "chain.pem"].map(|name| read(&device, name)),
+        files
+    );
+    assert_eq!(read(&device, "counter"), "4\n");
+    // No temporary files left behind.
+    let mut names: Vec<String> = std::fs::read_dir(&device)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["cert.pem", "chain.pem", "counter", "key.pem"]);
 }

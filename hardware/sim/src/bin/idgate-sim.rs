@@ -1,5 +1,6 @@
 //! `idgate-sim`: simulated devices on the command line. `enroll` runs one device's
-//! first enrollment against a gateway and writes its key and certificates.
+//! first enrollment against a gateway and writes its key and certificates;
+//! `renew` replaces them with a new key and certificate.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use idgate_sim::{EnrollOptions, SimError, enroll};
+use idgate_sim::files::{read_counter, write_counter};
+use idgate_sim::{EnrollOptions, RenewOptions, SimError, enroll, renew};
 
 #[derive(Debug, Parser)]
 #[command(name = "idgate-sim", version, about = "Simulated idgate devices")]
@@ -20,10 +22,14 @@ struct Cli {
 enum Command {
     /// Enroll one device and write DIR/key.pem, DIR/cert.pem and DIR/chain.pem.
     Enroll(EnrollArgs),
+    /// Renew one device's certificate with a new key: reads DIR/key.pem,
+    /// DIR/cert.pem, DIR/chain.pem and DIR/counter, and replaces them.
+    Renew(RenewArgs),
 }
 
+/// What every command needs to reach the gateway as one device.
 #[derive(Debug, clap::Args)]
-struct EnrollArgs {
+struct DeviceArgs {
     /// Gateway MQTT front (TLS), HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     broker: String,
@@ -33,6 +39,21 @@ struct EnrollArgs {
     /// Device id, as registered at the gateway.
     #[arg(long, value_name = "ID")]
     id: String,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    timeout: u64,
+}
+
+impl DeviceArgs {
+    fn ca_pem(&self) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(&self.ca).with_context(|| format!("reading CA file {}", self.ca.display()))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// One-time enrollment token (prefer the environment variable: arguments
     /// show in `ps`).
     #[arg(long, env = "IDGATE_TOKEN", hide_env_values = true, value_name = "T")]
@@ -40,9 +61,15 @@ struct EnrollArgs {
     /// Directory for the key and certificates; created if needed.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Give up after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    timeout: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct RenewArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// The device's directory, as `enroll --out` wrote it.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
 }
 
 /// Exit status for a refusal by the gateway, apart from other failures (1).
@@ -60,6 +87,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Enroll(args) => run_enroll(args).await,
+        Command::Renew(args) => run_renew(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,10 +103,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run_enroll(args: EnrollArgs) -> anyhow::Result<()> {
-    let ca_pem = std::fs::read(&args.ca)
-        .with_context(|| format!("reading CA file {}", args.ca.display()))?;
-    let mut options = EnrollOptions::new(args.broker, ca_pem, args.id, args.token);
-    options.timeout = Duration::from_secs(args.timeout);
+    let ca_pem = args.device.ca_pem()?;
+    let mut options = EnrollOptions::new(args.device.broker, ca_pem, args.device.id, args.token);
+    options.timeout = Duration::from_secs(args.device.timeout);
     let enrolled = enroll(&options).await?;
     enrolled
         .write_files(&args.out)
@@ -87,5 +114,59 @@ async fn run_enroll(args: EnrollArgs) -> anyhow::Result<()> {
     println!("not_before: {}", enrolled.not_before);
     println!("not_after: {}", enrolled.not_after);
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+async fn run_renew(args: RenewArgs) -> anyhow::Result<()> {
+    let dir = &args.dir;
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let ca_pem = args.device.ca_pem()?;
+    let key_pem = String::from_utf8(read("key.pem")?).context("key.pem is not text")?;
+    // The chain goes along in the TLS handshake; an enrolled device has one.
+    let mut certificate_pem = read("cert.pem")?;
+    if dir.join("chain.pem").exists() {
+        certificate_pem.extend(read("chain.pem")?);
+    }
+    let counter = read_counter(dir)
+        .with_context(|| format!("reading the counter in {}", dir.display()))?
+        .checked_add(1)
+        .context("the renewal counter is exhausted")?;
+    // Stored before it is used: the counter must never go back, whether or not
+    // this renewal succeeds (the gateway takes a repeated counter for a clone).
+    write_counter(dir, counter)
+        .with_context(|| format!("storing the counter in {}", dir.display()))?;
+
+    let device = args.device;
+    let mut options = RenewOptions::new(
+        device.broker,
+        ca_pem,
+        device.id,
+        key_pem,
+        certificate_pem,
+        counter,
+    );
+    options.timeout = Duration::from_secs(device.timeout);
+    let renewed = renew(&options).await?;
+    let certified = &renewed.certified;
+    certified
+        .write_files(dir)
+        .with_context(|| format!("writing to {}", dir.display()))?;
+    println!("serial: {}", certified.serial);
+    println!("not_before: {}", certified.not_before);
+    println!("not_after: {}", certified.not_after);
+    println!("renewed: {}", renewed.previous_serial);
+    println!("counter: {counter}");
+    println!(
+        "connected: {}",
+        if renewed.client_certificate {
+            "with the current certificate"
+        } else {
+            "anonymously (certificate expired)"
+        }
+    );
+    println!("wrote {}", dir.display());
     Ok(())
 }
