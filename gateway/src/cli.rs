@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use idgate_gateway::admin::{self, RevokeReason};
 use idgate_gateway::datadir::{DataDir, read_text};
 use idgate_gateway::gateway::{Gateway, Settings};
 use idgate_gateway::registry::{DeviceFilter, DeviceStatus, NewDevice, Registry, now};
@@ -61,9 +62,15 @@ struct ServeArgs {
     /// Address devices connect to (MQTT over TLS). Port 0 picks a free port.
     #[arg(long, default_value = "0.0.0.0:8883")]
     mqtt_listen: SocketAddr,
+    /// Address of the public HTTP endpoints: `GET /crl` and the OCSP responder.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_listen: SocketAddr,
     /// Device certificate lifetime, e.g. 24h, 30m, 7d (5 minutes to 30 days).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// How long after expiry a certificate may still be renewed.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    renew_grace: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +122,25 @@ enum DeviceCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Revoke a device for good: its certificates are revoked, its MQTT
+    /// sessions closed, its renewals and enrollments refused.
+    Revoke {
+        /// Device id.
+        id: String,
+        /// Why: lost, stolen, compromised, retired or superseded.
+        #[arg(long)]
+        reason: RevokeReason,
+    },
+    /// Suspend a device until `resume`: its certificates are put on hold.
+    Suspend {
+        /// Device id.
+        id: String,
+    },
+    /// Resume a suspended device, or clear one marked suspect.
+    Resume {
+        /// Device id.
+        id: String,
     },
 }
 
@@ -206,7 +232,9 @@ async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Resu
     let mut settings = Settings::new(data.clone());
     settings.database_url = database;
     settings.mqtt_listen = args.mqtt_listen;
-    settings.profile = profile;
+    settings.http_listen = args.http_listen;
+    settings.policy.profile = profile;
+    settings.policy.renew_grace = args.renew_grace;
     let gateway = Gateway::start(settings).await?;
     if gateway.initialized() {
         say!(
@@ -444,6 +472,48 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             }
             Ok(())
         }
+        DeviceCommand::Revoke { id, reason } => {
+            let registry = open_registry(&data, database).await?;
+            let serials = admin::revoke(&registry, &id, reason, &actor(), now()).await?;
+            registry.close().await;
+            say!(
+                "Revoked device {id} ({reason}); {} certificate(s) revoked{}.",
+                serials.len(),
+                list(&serials)
+            );
+            say!("Running gateways close its connections and publish a new CRL within a second.");
+            Ok(())
+        }
+        DeviceCommand::Suspend { id } => {
+            let registry = open_registry(&data, database).await?;
+            let serials = admin::suspend(&registry, &id, &actor(), now()).await?;
+            registry.close().await;
+            say!(
+                "Suspended device {id}; {} certificate(s) on hold{}. `idgate device resume {id}` undoes it.",
+                serials.len(),
+                list(&serials)
+            );
+            Ok(())
+        }
+        DeviceCommand::Resume { id } => {
+            let registry = open_registry(&data, database).await?;
+            let serials = admin::resume(&registry, &id, &actor(), now()).await?;
+            registry.close().await;
+            say!(
+                "Resumed device {id}; {} certificate(s) released from hold{}.",
+                serials.len(),
+                list(&serials)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn list(serials: &[String]) -> String {
+    if serials.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", serials.join(", "))
     }
 }
 

@@ -1,19 +1,22 @@
-//! A running gateway: data directory, registry, authority, embedded broker,
-//! TLS front and enrollment service, started together and stopped together.
-//! `idgate serve` and the end-to-end tests both use this.
+//! A running gateway: data directory, registry, authority, revocation state,
+//! embedded broker, TLS front, enrollment service and HTTP endpoints, started
+//! together and stopped together. `idgate serve` and the end-to-end tests both
+//! use this.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use idgate_pki::profile::Profile;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tracing::info;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{error, info};
 
-use crate::authority::Authority;
-use crate::broker::{embedded, front};
+use crate::authority::{Authority, Policy};
+use crate::broker::front::{self, Front, Sessions, TlsMaterial};
+use crate::broker::{CRL_TOPIC, Message, embedded};
 use crate::datadir::{DataDir, DataDirError, read_text};
 use crate::registry::{Registry, RegistryError};
+use crate::revocation::{self, RevocationError, RevocationState};
 
 /// How to run a gateway.
 #[derive(Clone, Debug)]
@@ -24,20 +27,24 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// Where devices connect (MQTT over TLS).
     pub mqtt_listen: SocketAddr,
-    /// The device certificate profile.
-    pub profile: Profile,
+    /// Where the CRL and the OCSP responder are served (plain HTTP).
+    pub http_listen: SocketAddr,
+    /// What the authority allows (certificate lifetime, renewal grace).
+    pub policy: Policy,
     /// Front door limits.
     pub limits: front::Limits,
 }
 
 impl Settings {
-    /// Defaults for `data`: MQTT/TLS on 0.0.0.0:8883, 24 h certificates.
+    /// Defaults for `data`: MQTT/TLS on 0.0.0.0:8883, HTTP on 0.0.0.0:8080,
+    /// 24 h certificates.
     pub fn new(data: DataDir) -> Settings {
         Settings {
             data,
             database_url: None,
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
-            profile: Profile::default(),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            policy: Policy::default(),
             limits: front::Limits::default(),
         }
     }
@@ -53,23 +60,31 @@ pub enum StartError {
     /// Registry problem.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The first CRL could not be built.
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
     /// Embedded broker problem.
     #[error(transparent)]
     Broker(#[from] embedded::EmbeddedError),
     /// TLS front problem.
     #[error(transparent)]
     Front(#[from] front::FrontError),
+    /// HTTP listener problem.
+    #[error("cannot listen for HTTP on {0}: {1}")]
+    Http(SocketAddr, std::io::Error),
 }
 
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
     mqtt_address: SocketAddr,
+    http_address: SocketAddr,
     initialized: bool,
     registry: Arc<Registry>,
+    sessions: Arc<Sessions>,
+    revocation: watch::Receiver<Arc<RevocationState>>,
     stop: watch::Sender<bool>,
-    front: JoinHandle<()>,
-    service: JoinHandle<()>,
+    tasks: JoinSet<()>,
 }
 
 impl Gateway {
@@ -87,45 +102,94 @@ impl Gateway {
             .unwrap_or_else(|| data.default_database_url());
         let registry = Arc::new(Registry::open(&database_url).await?);
         let (ca, chain) = data.load_issuing_ca()?;
+        let ca = Arc::new(ca);
+        let material = TlsMaterial::from_pem(
+            &read_text(&data.tls_certificate())?,
+            &read_text(&data.tls_key())?,
+            ca.certificate(),
+        )?;
+        let first = Arc::new(revocation::build(&registry, &ca).await?);
+        let (state_tx, state_rx) = watch::channel(first.clone());
+        let (tls_tx, tls_rx) = watch::channel(material.server_config(&first.crl)?);
+        let (revoked_tx, revoked_rx) = watch::channel(first.revoked.clone());
+
         let authority = Arc::new(Authority::new(
-            ca,
+            ca.clone(),
             chain,
-            settings.profile,
+            settings.policy,
             registry.clone(),
             data.tokens()?,
         ));
-        let tls = front::server_config(
-            &read_text(&data.tls_certificate())?,
-            &read_text(&data.tls_key())?,
-        )?;
         let listener = front::bind(settings.mqtt_listen).await?;
         let mqtt_address = listener
             .local_addr()
             .map_err(|e| front::FrontError::Bind(settings.mqtt_listen, e))?;
+        let http_listener = tokio::net::TcpListener::bind(settings.http_listen)
+            .await
+            .map_err(|e| StartError::Http(settings.http_listen, e))?;
+        let http_address = http_listener
+            .local_addr()
+            .map_err(|e| StartError::Http(settings.http_listen, e))?;
         let (upstream, bus) = embedded::start().await?;
+        let publisher = bus.replies.clone();
+        let sessions = Arc::new(Sessions::default());
         let (stop, stopped) = watch::channel(false);
-        let front = tokio::spawn(front::serve(
-            listener,
-            tls,
-            upstream,
-            settings.limits,
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(revocation::maintain(
+            registry.clone(),
+            ca.clone(),
+            state_tx,
             stopped.clone(),
         ));
-        let service = tokio::spawn(crate::service::run(authority, bus, stopped));
-        info!(%mqtt_address, "gateway listening for devices (MQTT over TLS)");
+        tasks.spawn(apply_revocations(
+            state_rx.clone(),
+            material,
+            tls_tx,
+            revoked_tx,
+            sessions.clone(),
+            publisher,
+            stopped.clone(),
+        ));
+        let front = Front::new(
+            tls_rx,
+            upstream,
+            settings.limits,
+            sessions.clone(),
+            revoked_rx,
+        );
+        tasks.spawn(front::serve(listener, front, stopped.clone()));
+        tasks.spawn(crate::http::serve(
+            http_listener,
+            crate::http::Context {
+                registry: registry.clone(),
+                ca: ca.clone(),
+                revocation: state_rx.clone(),
+            },
+            stopped.clone(),
+        ));
+        tasks.spawn(crate::service::run(authority, bus, stopped));
+        info!(%mqtt_address, %http_address, "gateway listening");
         Ok(Gateway {
             mqtt_address,
+            http_address,
             initialized,
             registry,
+            sessions,
+            revocation: state_rx,
             stop,
-            front,
-            service,
+            tasks,
         })
     }
 
     /// Where devices connect.
     pub fn mqtt_address(&self) -> SocketAddr {
         self.mqtt_address
+    }
+
+    /// Where `GET /crl` and the OCSP responder are served.
+    pub fn http_address(&self) -> SocketAddr {
+        self.http_address
     }
 
     /// Whether this start created the data directory's CA.
@@ -138,14 +202,63 @@ impl Gateway {
         &self.registry
     }
 
+    /// Live MQTT sessions.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    /// The current revocation state (changes when it is rebuilt).
+    pub fn revocation(&self) -> watch::Receiver<Arc<RevocationState>> {
+        self.revocation.clone()
+    }
+
     /// Stops accepting connections and requests, finishes the requests in
     /// progress (their certificates are recorded and answered), and closes the
     /// registry.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.front.await;
-        let _ = self.service.await;
+        while self.tasks.join_next().await.is_some() {}
         self.registry.close().await;
         info!("gateway stopped");
+    }
+}
+
+/// Applies each new revocation state: a TLS configuration with the new CRL
+/// for new handshakes, the revoked set for the post-handshake check, closing
+/// the live sessions of revoked certificates, and the CRL on its MQTT topic.
+async fn apply_revocations(
+    mut state: watch::Receiver<Arc<RevocationState>>,
+    material: TlsMaterial,
+    tls: watch::Sender<Arc<rustls::ServerConfig>>,
+    revoked: watch::Sender<Arc<HashSet<String>>>,
+    sessions: Arc<Sessions>,
+    publisher: mpsc::Sender<Message>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let current = state.borrow_and_update().clone();
+        match material.server_config(&current.crl) {
+            Ok(config) => {
+                tls.send_replace(config);
+            }
+            Err(e) => error!(error = %e, "cannot rebuild the TLS configuration with the new CRL"),
+        }
+        revoked.send_replace(current.revoked.clone());
+        let closed = sessions.close_revoked(&current.revoked);
+        if closed > 0 {
+            info!(closed, "closed sessions of revoked certificates");
+        }
+        let crl = Message {
+            topic: CRL_TOPIC.to_owned(),
+            payload: current.crl.to_vec(),
+            retain: true,
+        };
+        if publisher.send(crl).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
     }
 }

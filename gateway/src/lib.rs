@@ -8,11 +8,14 @@
 //! [`service`] the request loop between them, [`datadir`] the files on disk,
 //! [`gateway`] all of them started together.
 
+pub mod admin;
 pub mod authority;
 pub mod broker;
 pub mod datadir;
 pub mod gateway;
+pub mod http;
 pub mod provisioner;
 pub mod registry;
+pub mod revocation;
 pub mod service;
 pub mod testing;

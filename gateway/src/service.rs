@@ -70,6 +70,7 @@ pub async fn handle(authority: &Authority, message: Message, replies: &mpsc::Sen
     async {
         let (reply, payload) = match topic.op {
             Op::Enroll => enroll(authority, &topic, &message.payload).await,
+            Op::Renew => renew(authority, &topic, &message.payload).await,
             _ => {
                 debug!("no handler for this operation");
                 return;
@@ -80,6 +81,7 @@ pub async fn handle(authority: &Authority, message: Message, replies: &mpsc::Sen
             .send(Message {
                 topic: reply_topic,
                 payload,
+                retain: false,
             })
             .await
             .is_err()
@@ -96,25 +98,51 @@ async fn enroll(authority: &Authority, topic: &Topic<'_>, payload: &[u8]) -> (Re
     let request = match wire::decode_enroll(format, payload) {
         Ok(request) => request,
         Err(undecodable) => {
-            let code = match undecodable.error {
-                DecodeError::TooLarge => RejectCode::TooLarge,
-                _ => RejectCode::Malformed,
-            };
-            let rid = undecodable.rid.unwrap_or_default();
-            let rejection = Rejection::new(code, undecodable.error.to_string());
-            authority
-                .audit_undecodable(topic.device_id, &rid, &rejection, now())
-                .await;
-            return rejected(format, &rid, &rejection);
+            return refuse_undecodable(authority, topic, undecodable).await;
         }
     };
     tracing::Span::current().record("rid", request.rid.as_str());
-    match authority.enroll(topic.device_id, &request, now()).await {
+    let outcome = authority.enroll(topic.device_id, &request, now()).await;
+    answer(format, &request.rid, outcome)
+}
+
+async fn renew(authority: &Authority, topic: &Topic<'_>, payload: &[u8]) -> (Reply, Vec<u8>) {
+    let format = topic.format;
+    let request = match wire::decode_renew(format, payload) {
+        Ok(request) => request,
+        Err(undecodable) => {
+            return refuse_undecodable(authority, topic, undecodable).await;
+        }
+    };
+    tracing::Span::current().record("rid", request.rid.as_str());
+    let outcome = authority.renew(topic.device_id, &request, now()).await;
+    answer(format, &request.rid, outcome)
+}
+
+async fn refuse_undecodable(
+    authority: &Authority,
+    topic: &Topic<'_>,
+    undecodable: wire::Undecodable,
+) -> (Reply, Vec<u8>) {
+    let code = match undecodable.error {
+        DecodeError::TooLarge => RejectCode::TooLarge,
+        _ => RejectCode::Malformed,
+    };
+    let rid = undecodable.rid.unwrap_or_default();
+    let rejection = Rejection::new(code, undecodable.error.to_string());
+    authority
+        .audit_undecodable(topic.op.as_str(), topic.device_id, &rid, &rejection, now())
+        .await;
+    rejected(topic.format, &rid, &rejection)
+}
+
+fn answer(format: Format, rid: &str, outcome: Result<Answer, Rejection>) -> (Reply, Vec<u8>) {
+    match outcome {
         Ok(answer) => {
             tracing::Span::current().record("serial", answer.certificate.serial.as_str());
-            (Reply::Accepted, issued(format, &request.rid, &answer))
+            (Reply::Accepted, issued(format, rid, &answer))
         }
-        Err(rejection) => rejected(format, &request.rid, &rejection),
+        Err(rejection) => rejected(format, rid, &rejection),
     }
 }
 

@@ -33,7 +33,13 @@ fn run_ok(command: &mut Command) -> String {
 /// Starts `idgate serve` and returns it with the port it printed.
 fn serve(data: &Path) -> (Child, u16, mpsc::Receiver<String>) {
     let mut child = idgate(data)
-        .args(["serve", "--mqtt-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -4,8 +4,12 @@
 //! to print the values after a protocol change.
 
 use idgate_pki::csr::{MAX_P256_CSR, build_p256_csr};
-use idgate_pki::protocol::{EnrollRequest, Format, Op, Topic, enrollment_proof};
-use idgate_pki::wire::encode_enroll;
+use idgate_pki::protocol::{
+    EnrollRequest, Format, MAX_RENEW_MESSAGE, Op, RenewRequest, Topic, enrollment_proof,
+    renew_message,
+};
+use idgate_pki::wire::{encode_enroll, encode_renew};
+use p256::ecdsa::signature::Signer;
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::ecdsa::{Signature, SigningKey};
 use sha2::{Digest, Sha256};
@@ -62,6 +66,43 @@ fn worked_example_in_the_protocol_document_is_true() {
     let json = String::from_utf8(encode_enroll(Format::Json, &request)).unwrap();
     let topic = Topic::request(device_id, Op::Enroll, Format::Cbor).to_string();
 
+    // Renewal: the same key as the current one, renewing certificate
+    // 4a1f…, for a new key 0x22…22, with counter 1.
+    let new_key = SigningKey::from_bytes(&[0x22u8; 32].into()).unwrap();
+    let new_public: [u8; 65] = new_key
+        .verifying_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap();
+    let mut new_buf = [0u8; MAX_P256_CSR];
+    let n = build_p256_csr(
+        device_id,
+        &new_public,
+        |digest| {
+            let signature: Signature = new_key.sign_prehash(digest)?;
+            Ok::<_, p256::ecdsa::Error>(signature.to_bytes().into())
+        },
+        &mut new_buf,
+    )
+    .unwrap();
+    let new_csr = &new_buf[..n];
+    let serial = "4a1f6b3c9d8e7f60514233241506f7e8";
+    let renew_rid = "fedcba9876543210";
+    let mut message = [0u8; MAX_RENEW_MESSAGE];
+    let len = renew_message(device_id, renew_rid, new_csr, serial, 1, &mut message).unwrap();
+    let message = &message[..len];
+    let renew_signature: Signature = key.sign(message);
+    let sig: [u8; 64] = renew_signature.to_bytes().into();
+    let renew = RenewRequest {
+        rid: renew_rid,
+        csr: new_csr,
+        serial,
+        counter: 1,
+        sig: &sig,
+    };
+    let renew_cbor = encode_renew(Format::Cbor, &renew);
+
     let values = [
         ("public key", wrapped(&public)),
         ("CSR", wrapped(csr)),
@@ -70,6 +111,10 @@ fn worked_example_in_the_protocol_document_is_true() {
         ("CBOR request", wrapped(&cbor)),
         ("JSON request", json),
         ("topic", topic),
+        ("renewal CSR", wrapped(new_csr)),
+        ("renewal message", wrapped(message)),
+        ("renewal signature", wrapped(&sig)),
+        ("CBOR renew request", wrapped(&renew_cbor)),
     ];
     if std::env::var_os("IDGATE_PRINT_EXAMPLE").is_some() {
         for (name, value) in &values {

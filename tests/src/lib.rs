@@ -10,6 +10,7 @@ use idgate_gateway::datadir::DataDir;
 use idgate_gateway::gateway::{Gateway, Settings};
 use idgate_gateway::registry::{NewDevice, Registry, now};
 use idgate_gateway::testing::{TestDatabase, TestRegistryUrl, registry_url};
+pub use idgate_pki;
 use idgate_pki::protocol::{Format, Op, Reply, Topic};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -31,12 +32,22 @@ pub struct Harness {
 impl Harness {
     /// Starts a gateway on `database`; `None` when PostgreSQL tests are skipped.
     pub async fn start(database: TestDatabase) -> Option<Harness> {
+        Harness::start_with(database, |_| {}).await
+    }
+
+    /// Starts a gateway on `database` with settings adjusted by `adjust`.
+    pub async fn start_with(
+        database: TestDatabase,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Option<Harness> {
         let registry = registry_url(database).await?;
         let dir = tempfile::tempdir().expect("temporary directory");
         let data = DataDir::new(dir.path().join("data"));
         let mut settings = Settings::new(data.clone());
         settings.database_url = Some(registry.url.clone());
         settings.mqtt_listen = "127.0.0.1:0".parse().expect("address");
+        settings.http_listen = "127.0.0.1:0".parse().expect("address");
+        adjust(&mut settings);
         let gateway = Gateway::start(settings).await.expect("gateway starts");
         Some(Harness {
             gateway,
@@ -92,10 +103,133 @@ impl Harness {
         )
         .await
     }
+
+    /// A raw MQTT client presenting `identity` as its client certificate.
+    pub async fn client_as(
+        &self,
+        client_id: &str,
+        identity: &DeviceIdentity,
+    ) -> Result<RawClient, rumqttc::ConnectionError> {
+        RawClient::try_connect(
+            &self.root_ca(),
+            self.gateway.mqtt_address().port(),
+            client_id,
+            Some(identity),
+        )
+        .await
+    }
+
+    /// A certificate for `device_id` signed directly by the issuing CA (no
+    /// registry record): for tests of the TLS front only.
+    pub fn identity_for(&self, device_id: &str) -> DeviceIdentity {
+        let (ca, _) = self.data.load_issuing_ca().expect("issuing CA");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .serialize_request(&key)
+            .expect("CSR");
+        let checked = idgate_pki::check::check_csr(csr.der()).expect("CSR checks");
+        let issued = ca
+            .issue(
+                device_id,
+                &checked,
+                &idgate_pki::profile::Profile::default(),
+                now(),
+            )
+            .expect("issue");
+        DeviceIdentity {
+            certificate: issued.der,
+            key_pkcs8: key.serialize_der(),
+            serial: issued.serial.to_string(),
+        }
+    }
+
+    /// Fetches `path` from the gateway's HTTP endpoint; returns status and body.
+    pub async fn http_get(&self, path: &str) -> (u16, Vec<u8>) {
+        http_request(self.gateway.http_address(), "GET", path, &[]).await
+    }
+
+    /// Posts an OCSP request body to `path`.
+    pub async fn http_post(&self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        http_request(self.gateway.http_address(), "POST", path, body).await
+    }
 }
 
-/// TLS client configuration trusting only `root_pem`.
+/// A device certificate and its key.
+#[derive(Clone, Debug)]
+pub struct DeviceIdentity {
+    /// Certificate, DER.
+    pub certificate: Vec<u8>,
+    /// Key, PKCS#8 DER.
+    pub key_pkcs8: Vec<u8>,
+    /// Serial, hex.
+    pub serial: String,
+}
+
+/// A minimal HTTP/1.1 client (one request, `Connection: close`).
+async fn http_request(
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("HTTP connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: idgate\r\nConnection: close\r\n\
+         Content-Type: application/ocsp-request\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("HTTP write");
+    stream.write_all(body).await.expect("HTTP write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("HTTP read");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP header end");
+    let header = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+    let status = header
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status");
+    let body = &response[split + 4..];
+    let body = if header.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    (status, body)
+}
+
+/// Decodes a chunked HTTP body.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&body[..line_end]).trim(), 16)
+            .unwrap_or(0);
+        let start = line_end + 2;
+        if size == 0 || body.len() < start + size + 2 {
+            break;
+        }
+        out.extend_from_slice(&body[start..start + size]);
+        body = &body[start + size + 2..];
+    }
+    out
+}
+
+/// TLS client configuration trusting only `root_pem`, presenting `identity`.
 pub fn tls_trusting(root_pem: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    tls_config(root_pem, None)
+}
+
+fn tls_config(
+    root_pem: &std::path::Path,
+    identity: Option<&DeviceIdentity>,
+) -> Arc<rustls::ClientConfig> {
     let pem = std::fs::read(root_pem).expect("read root CA");
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -108,8 +242,18 @@ pub fn tls_trusting(root_pem: &std::path::Path) -> Arc<rustls::ClientConfig> {
     ))
     .with_safe_default_protocol_versions()
     .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some(identity) => config
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from(
+                    identity.certificate.clone(),
+                )],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(identity.key_pkcs8.clone().into()),
+            )
+            .expect("client certificate"),
+    };
     Arc::new(config)
 }
 
@@ -121,24 +265,104 @@ pub struct RawClient {
 }
 
 impl RawClient {
-    /// Connects and waits for CONNACK.
+    /// Connects anonymously and waits for CONNACK.
     pub async fn connect(root_pem: &std::path::Path, port: u16, client_id: &str) -> RawClient {
+        RawClient::try_connect(root_pem, port, client_id, None)
+            .await
+            .unwrap_or_else(|e| panic!("MQTT connect failed: {e}"))
+    }
+
+    /// Connects, presenting `identity` if given, and waits for CONNACK.
+    pub async fn try_connect(
+        root_pem: &std::path::Path,
+        port: u16,
+        client_id: &str,
+        identity: Option<&DeviceIdentity>,
+    ) -> Result<RawClient, rumqttc::ConnectionError> {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(256 * 1024, 256 * 1024);
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls_trusting(root_pem),
+            tls_config(root_pem, identity),
         )));
         let (client, mut events) = AsyncClient::new(options, 16);
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            match tokio::time::timeout(Duration::from_secs(20), events.poll()).await {
                 Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("MQTT connect failed: {e}"),
+                Ok(Err(e)) => return Err(e),
                 Err(_) => panic!("MQTT connect timed out"),
             }
         }
-        RawClient { client, events }
+        Ok(RawClient { client, events })
+    }
+
+    /// Subscribes and returns whether the connection survived until SUBACK
+    /// (the gateway closes connections that ask for what they may not).
+    pub async fn subscribe(&mut self, filter: &str) -> Result<(), rumqttc::ConnectionError> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queue subscribe");
+        self.wait_result(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+            .await
+    }
+
+    /// Publishes and then pings: Ok if the connection is still up after the
+    /// ping's answer.
+    pub async fn publish_and_ping(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), rumqttc::ConnectionError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue publish");
+        self.wait_result(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+    }
+
+    /// Waits for the first retained or live message on `filter`.
+    pub async fn first_message(&mut self, filter: &str) -> Vec<u8> {
+        self.client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .expect("queue subscribe");
+        self.wait(|p| match p {
+            Packet::Publish(publish) => Some(publish.payload.to_vec()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits until the connection ends; returns how it ended.
+    pub async fn closed(&mut self) -> rumqttc::ConnectionError {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.events.poll()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return e,
+                Err(_) => panic!("the connection stayed open for 20 s"),
+            }
+        }
+    }
+
+    async fn wait_result<T>(
+        &mut self,
+        mut want: impl FnMut(&Packet) -> Option<T>,
+    ) -> Result<T, rumqttc::ConnectionError> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.events.poll()).await {
+                Ok(Ok(Event::Incoming(packet))) => {
+                    if let Some(found) = want(&packet) {
+                        return Ok(found);
+                    }
+                }
+                Ok(Ok(Event::Outgoing(_))) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => panic!("no answer from the gateway within 20 s"),
+            }
+        }
     }
 
     /// Publishes `payload` on `device`'s enroll topic in `format` and returns
@@ -149,7 +373,13 @@ impl RawClient {
         format: Format,
         payload: Vec<u8>,
     ) -> (Reply, Vec<u8>) {
-        let request = Topic::request(device, Op::Enroll, format);
+        self.request(Topic::request(device, Op::Enroll, format), payload)
+            .await
+    }
+
+    /// Publishes `payload` on the request topic and returns the reply kind
+    /// and payload.
+    pub async fn request(&mut self, request: Topic<'_>, payload: Vec<u8>) -> (Reply, Vec<u8>) {
         let filter = format!("{request}/+");
         self.client
             .subscribe(filter, QoS::AtLeastOnce)

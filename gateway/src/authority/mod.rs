@@ -1,9 +1,13 @@
 //! The one signing pipeline. Every certificate goes through the same fixed
-//! steps: authorize (device, request id, credential, proof) → check the CSR →
-//! build the profile and sign → record durably → answer. Nothing is sent before
-//! it is recorded, and every refusal is audited.
+//! steps: authorize (enrollment: device, request id, credential, proof;
+//! renewal: device, request id, current certificate, signature, counter) →
+//! check the CSR → build the profile and sign → record durably → answer.
+//! Nothing is sent before it is recorded, and every refusal is audited.
+
+mod renew;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use idgate_pki::ca::IssuingCa;
 use idgate_pki::check::check_csr;
@@ -37,7 +41,7 @@ impl Rejection {
         }
     }
 
-    fn internal() -> Rejection {
+    pub(crate) fn internal() -> Rejection {
         Rejection::new(
             RejectCode::Internal,
             "the gateway could not complete the request; retry later with the same rid",
@@ -58,12 +62,33 @@ pub struct Answer {
     pub renew_before: i64,
 }
 
+/// What the authority allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The device certificate profile (lifetime).
+    pub profile: Profile,
+    /// How long after its expiry a certificate may still be renewed.
+    pub renew_grace: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            profile: Profile::default(),
+            renew_grace: DEFAULT_RENEW_GRACE,
+        }
+    }
+}
+
+/// Default renewal grace period after expiry.
+pub const DEFAULT_RENEW_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The issuing authority.
 #[derive(Debug)]
 pub struct Authority {
-    ca: IssuingCa,
+    ca: Arc<IssuingCa>,
     chain: Arc<Vec<Vec<u8>>>,
-    profile: Profile,
+    policy: Policy,
     registry: Arc<Registry>,
     tokens: Tokens,
 }
@@ -71,18 +96,18 @@ pub struct Authority {
 const ENROLL: &str = "enroll";
 
 impl Authority {
-    /// An authority signing with `ca` under `profile`, recording in `registry`.
+    /// An authority signing with `ca` under `policy`, recording in `registry`.
     pub fn new(
-        ca: IssuingCa,
+        ca: Arc<IssuingCa>,
         chain: Vec<Vec<u8>>,
-        profile: Profile,
+        policy: Policy,
         registry: Arc<Registry>,
         tokens: Tokens,
     ) -> Authority {
         Authority {
             ca,
             chain: Arc::new(chain),
-            profile,
+            policy,
             registry,
             tokens,
         }
@@ -93,11 +118,11 @@ impl Authority {
         &self.registry
     }
 
-    fn answer(&self, certificate: CertificateRecord) -> Answer {
-        let lifetime = (certificate.not_after - certificate.issued_at).max(0);
+    pub(crate) fn answer(&self, certificate: CertificateRecord) -> Answer {
+        let (renew_after, renew_before) = renewal_window(&certificate);
         Answer {
-            renew_after: certificate.issued_at + lifetime * 2 / 3,
-            renew_before: certificate.not_after - lifetime / 10,
+            renew_after,
+            renew_before,
             certificate,
             chain: self.chain.clone(),
         }
@@ -113,7 +138,7 @@ impl Authority {
         match self.try_enroll(device_id, request, now).await {
             Ok(answer) => Ok(answer),
             Err(rejection) => {
-                self.audit_refusal(device_id, &request.rid, &rejection, now)
+                self.audit_refusal_of(ENROLL, device_id, &request.rid, &rejection, now)
                     .await;
                 Err(rejection)
             }
@@ -124,17 +149,26 @@ impl Authority {
     /// `too_large`); `rid` is empty when the payload carried none.
     pub async fn audit_undecodable(
         &self,
+        op: &str,
         device_id: &str,
         rid: &str,
         rejection: &Rejection,
         now: i64,
     ) {
-        self.audit_refusal(device_id, rid, rejection, now).await;
+        self.audit_refusal_of(op, device_id, rid, rejection, now)
+            .await;
     }
 
-    async fn audit_refusal(&self, device_id: &str, rid: &str, rejection: &Rejection, now: i64) {
-        warn!(code = %rejection.code, reason = %rejection.message, "enrollment refused");
-        let entry = AuditEntry::new(now, format!("device:{device_id}"), ENROLL)
+    pub(crate) async fn audit_refusal_of(
+        &self,
+        op: &str,
+        device_id: &str,
+        rid: &str,
+        rejection: &Rejection,
+        now: i64,
+    ) {
+        warn!(code = %rejection.code, reason = %rejection.message, "{op} refused");
+        let entry = AuditEntry::new(now, format!("device:{device_id}"), op)
             .device(device_id)
             .outcome(rejection.code.as_str())
             .detail(format!("rid={rid} {}", rejection.message));
@@ -215,7 +249,7 @@ impl Authority {
 
         let issued = self
             .ca
-            .issue(device_id, &csr, &self.profile, now)
+            .issue(device_id, &csr, &self.policy.profile, now)
             .map_err(|e| internal(&e))?;
         let record = CertificateRecord {
             serial: issued.serial.to_string(),
@@ -227,6 +261,7 @@ impl Authority {
             der: issued.der,
             revoked_at: None,
             revocation_reason: None,
+            renewed_from: None,
         };
         let issuance = Issuance {
             certificate: record.clone(),
@@ -266,12 +301,15 @@ impl Authority {
                 "the device is no longer pending",
             )),
             Err(IssuanceError::KeyReused) => Err(key_reused()),
+            Err(IssuanceError::NotActive | IssuanceError::CounterNotGreater) => {
+                Err(Rejection::internal())
+            }
             Err(IssuanceError::Registry(e)) => Err(internal(&e)),
         }
     }
 
     /// Answers a repeated rid: the same certificate for the same CSR.
-    fn repeat(
+    pub(crate) fn repeat(
         &self,
         prior: crate::registry::PriorRequest,
         csr_sha256: &[u8],
@@ -288,7 +326,21 @@ impl Authority {
     }
 }
 
-fn key_reused() -> Rejection {
+/// The suggested renewal window of a certificate: from a point between 50 % and
+/// 70 % of its lifetime, chosen from its serial so that a fleet enrolled at the
+/// same moment spreads its renewals, to 90 % of the lifetime. The same
+/// certificate always gets the same window (a repeated rid gets the same answer).
+pub fn renewal_window(certificate: &CertificateRecord) -> (i64, i64) {
+    let lifetime = (certificate.not_after - certificate.issued_at).max(0);
+    let digest = Sha256::digest(certificate.serial.as_bytes());
+    let spread = i64::from(u16::from_be_bytes([digest[0], digest[1]]) % 200);
+    (
+        certificate.issued_at + lifetime * (500 + spread) / 1000,
+        certificate.issued_at + lifetime * 9 / 10,
+    )
+}
+
+pub(crate) fn key_reused() -> Rejection {
     Rejection::new(
         RejectCode::KeyReused,
         "this public key is already bound to another device",

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
+use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
@@ -127,6 +128,7 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
                     let message = Message {
                         topic,
                         payload: forward.publish.payload.to_vec(),
+                        retain: false,
                     };
                     if request_tx.send(message).await.is_err() {
                         break; // the service has stopped
@@ -146,11 +148,21 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
             }
         }
     });
+    let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("idgate-replies".into())
         .spawn(move || {
             while let Some(reply) = reply_rx.blocking_recv() {
-                if let Err(e) = link_tx.publish(reply.topic, reply.payload) {
+                let sent = if reply.retain {
+                    // `publish` never retains; a retained message goes as a packet.
+                    let publish = Publish::new(reply.topic.into_bytes(), reply.payload, true);
+                    runtime
+                        .block_on(link_tx.send(Packet::Publish(publish, None)))
+                        .map(|_| ())
+                } else {
+                    link_tx.publish(reply.topic, reply.payload).map(|_| ())
+                };
+                if let Err(e) = sent {
                     error!(error = %e, "could not publish a reply");
                     break;
                 }

@@ -1,33 +1,47 @@
 //! The front door: TLS termination for MQTT clients, in front of rumqttd.
 //!
 //! One accept loop spawns a task per connection, so a client that never
-//! finishes its handshake holds up nobody else; handshakes have a timeout and
-//! a cap on how many run at once. After the handshake the first MQTT packet
-//! (CONNECT) is read to learn the protocol level, and the connection is relayed
-//! to rumqttd's 3.1.1 or 5 listener on loopback.
+//! finishes its handshake holds up nobody else. A connection takes a
+//! handshake slot only once its first bytes arrive (a silent client holds
+//! nothing but a socket until its timeout), and handshakes have a timeout and
+//! a cap on how many run at once.
+//!
+//! Client certificates are verified against the issuing CA and the current
+//! CRL (the configuration is swapped without a restart when revocation state
+//! changes). A verified device may use only its own topics; a client without
+//! a certificate only the enrollment and renewal topics ([`super::guard`]).
+//! Past `max_connections`, new clients get an explicit CONNACK "server busy".
+//! The first MQTT packet (CONNECT) picks rumqttd's 3.1.1 or 5 listener.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::ServerConfig;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::embedded::Upstream;
+use super::guard::{self, Guard, Identity};
 
 /// Front door limits.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Time a client has to finish TLS and send CONNECT.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; further connections wait their turn
+    /// Handshakes in progress at once; further clients wait their turn
     /// (their own timeout still runs).
     pub max_handshakes: usize,
+    /// Connections at once; beyond, CONNACK "server busy".
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +49,7 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 512,
+            max_connections: 100_000,
         }
     }
 }
@@ -49,31 +64,69 @@ pub enum FrontError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
     /// The listen address could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
 }
 
-/// Builds the server TLS configuration (TLS 1.2 and 1.3, ring) from a PEM
-/// certificate chain and key.
-pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, FrontError> {
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| FrontError::Pem(format!("TLS certificate: {e}")))?;
-    if chain.is_empty() {
-        return Err(FrontError::Pem(
-            "TLS certificate file has no certificate".into(),
-        ));
+/// The parts of the server TLS configuration that do not change.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: Arc<RootCertStore>,
+}
+
+impl TlsMaterial {
+    /// The server's PEM certificate chain and key, and the DER certificate of
+    /// the CA whose device certificates are accepted as client certificates.
+    pub fn from_pem(
+        chain_pem: &str,
+        key_pem: &str,
+        client_ca: &[u8],
+    ) -> Result<TlsMaterial, FrontError> {
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| FrontError::Pem(format!("TLS certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(FrontError::Pem(
+                "TLS certificate file has no certificate".into(),
+            ));
+        }
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+            .map_err(|e| FrontError::Pem(format!("TLS key: {e}")))?
+            .ok_or_else(|| FrontError::Pem("TLS key file has no private key".into()))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from(client_ca.to_vec()))?;
+        Ok(TlsMaterial {
+            chain,
+            key,
+            client_roots: Arc::new(roots),
+        })
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| FrontError::Pem(format!("TLS key: {e}")))?
-        .ok_or_else(|| FrontError::Pem("TLS key file has no private key".into()))?;
-    let config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+
+    /// A server configuration (TLS 1.2 and 1.3, ring) that asks for a client
+    /// certificate, accepts clients without one, and checks those that send
+    /// one against the issuing CA and `crl`.
+    pub fn server_config(&self, crl: &[u8]) -> Result<Arc<ServerConfig>, FrontError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            self.client_roots.clone(),
+            provider.clone(),
+        )
+        .with_crls([CertificateRevocationListDer::from(crl.to_vec())])
+        .only_check_end_entity_revocation()
+        .allow_unauthenticated()
+        .build()?;
+        let config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
-    Ok(Arc::new(config))
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
 }
 
 /// Binds the MQTT/TLS listener.
@@ -83,16 +136,125 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, FrontError> {
         .map_err(|e| FrontError::Bind(address, e))
 }
 
+/// A live connection authenticated by a device certificate.
+#[derive(Debug)]
+struct Live {
+    device_id: String,
+    serial: String,
+    close: watch::Sender<bool>,
+}
+
+/// The connections in progress, so that a revoked certificate's sessions can
+/// be closed at once.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<u64, Live>>,
+    next_id: AtomicU64,
+    connections: AtomicUsize,
+}
+
+impl Sessions {
+    /// Closes every session whose certificate serial is in `revoked`;
+    /// returns how many.
+    pub fn close_revoked(&self, revoked: &HashSet<String>) -> usize {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for session in live.values().filter(|s| revoked.contains(&s.serial)) {
+            info!(device_id = %session.device_id, serial = %session.serial, "closing the session of a revoked certificate");
+            session.close.send_replace(true);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Live sessions of `device_id` (authenticated by certificate).
+    pub fn device_sessions(&self, device_id: &str) -> usize {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.values().filter(|s| s.device_id == device_id).count()
+    }
+
+    /// All connections past their handshake.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, device_id: &str, serial: &str) -> (u64, watch::Receiver<bool>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(false);
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.insert(
+            id,
+            Live {
+                device_id: device_id.to_owned(),
+                serial: serial.to_owned(),
+                close,
+            },
+        );
+        (id, closed)
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(&id);
+    }
+}
+
+/// Counts a connection for as long as it lives.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything a connection task needs.
+#[derive(Clone)]
+pub struct Front {
+    /// The current TLS configuration (swapped on revocation changes).
+    pub tls: watch::Receiver<Arc<ServerConfig>>,
+    /// Where rumqttd listens.
+    pub upstream: Upstream,
+    /// Limits.
+    pub limits: Limits,
+    /// Live sessions.
+    pub sessions: Arc<Sessions>,
+    /// Serials revoked right now (checked again after the handshake, which
+    /// may have used a configuration from just before a revocation).
+    pub revoked: watch::Receiver<Arc<HashSet<String>>>,
+    handshakes: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Front {
+    /// A front door with these parts.
+    pub fn new(
+        tls: watch::Receiver<Arc<ServerConfig>>,
+        upstream: Upstream,
+        limits: Limits,
+        sessions: Arc<Sessions>,
+        revoked: watch::Receiver<Arc<HashSet<String>>>,
+    ) -> Front {
+        Front {
+            tls,
+            upstream,
+            limits,
+            sessions,
+            revoked,
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<ServerConfig>,
-    upstream: Upstream,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let acceptor = TlsAcceptor::from(tls);
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+pub async fn serve(listener: TcpListener, front: Front, mut shutdown: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -107,13 +269,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let handshakes = handshakes.clone();
+        let front = front.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(reason) =
-                connection(stream, acceptor, handshakes, upstream, limits, shutdown).await
-            {
+            if let Err(reason) = connection(stream, &front, shutdown).await {
                 debug!(%peer, %reason, "connection closed");
             }
         });
@@ -121,20 +280,42 @@ pub async fn serve(
     info!("MQTT front stopped accepting");
 }
 
+/// Who a verified client certificate names: the device id in its SAN URI
+/// (`urn:idgate:device:{id}`) and its serial.
+fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
+    let (_, certificate) = X509Certificate::from_der(der).ok()?;
+    let san = certificate.subject_alternative_name().ok()??;
+    let device_id = san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => uri.strip_prefix("urn:idgate:device:"),
+        _ => None,
+    })?;
+    idgate_pki::protocol::check_device_id(device_id).ok()?;
+    Some((
+        device_id.to_owned(),
+        idgate_pki::ca::hex(certificate.raw_serial()),
+    ))
+}
+
 async fn connection(
     stream: TcpStream,
-    acceptor: TlsAcceptor,
-    handshakes: Arc<Semaphore>,
-    upstream: Upstream,
-    limits: Limits,
+    front: &Front,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
+    let limits = front.limits;
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let started = async {
-        let _turn = handshakes
+        // A client that sends nothing takes no handshake slot.
+        stream
+            .readable()
+            .await
+            .map_err(|e| format!("socket: {e}"))?;
+        let _turn = front
+            .handshakes
             .acquire()
             .await
             .map_err(|_| "shutting down".to_owned())?;
+        let acceptor = TlsAcceptor::from(front.tls.borrow().clone());
         let mut tls = acceptor
             .accept(stream)
             .await
@@ -142,26 +323,119 @@ async fn connection(
         let connect = read_connect(&mut tls).await?;
         Ok::<_, String>((tls, connect))
     };
-    let (mut tls, connect) = tokio::time::timeout(limits.handshake_timeout, started)
+    let (mut tls, connect) = tokio::time::timeout_at(deadline, started)
         .await
         .map_err(|_| "handshake timed out".to_owned())??;
-    let target = match connect.level {
-        5 => upstream.v5,
-        _ => upstream.v4,
+
+    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => None,
+        Some(leaf) => Some(certificate_identity(leaf).ok_or("client certificate names no device")?),
     };
-    let mut broker = TcpStream::connect(target)
-        .await
-        .map_err(|e| format!("broker unreachable: {e}"))?;
-    let _ = broker.set_nodelay(true);
-    broker
-        .write_all(&connect.bytes)
-        .await
-        .map_err(|e| format!("broker write: {e}"))?;
-    tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut tls, &mut broker) => {
-            result.map(|_| ()).map_err(|e| format!("relay: {e}"))
+    let guard_identity = match &identity {
+        Some((device_id, _)) => Identity::Device(device_id.clone()),
+        None => Identity::Anonymous,
+    };
+
+    front.sessions.connections.fetch_add(1, Ordering::Relaxed);
+    let _counted = Counted(&front.sessions.connections);
+    if front.sessions.connections() > limits.max_connections {
+        let _ = tls.write_all(&busy_connack(connect.level)).await;
+        let _ = tls.shutdown().await;
+        return Err("server busy".into());
+    }
+    let connect_bytes = match guard::admit_connect(&guard_identity, &connect.bytes) {
+        Ok(bytes) => bytes,
+        Err(refusal) => {
+            let _ = tls
+                .write_all(&guard::connack_refusal(connect.level, &refusal))
+                .await;
+            let _ = tls.shutdown().await;
+            return Err(format!("CONNECT refused: {refusal}"));
         }
-        _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+    };
+
+    let registration = identity
+        .as_ref()
+        .map(|(device_id, serial)| (front.sessions.register(device_id, serial), serial.clone()));
+    // Anonymous sessions are never closed for revocation; their sender lives
+    // as long as the connection so the receiver never reports it gone.
+    let (_never, unrevocable) = watch::channel(false);
+    let result = async {
+        let mut closed = match &registration {
+            Some(((_, closed), serial)) => {
+                if front.revoked.borrow().contains(serial) {
+                    return Err("certificate revoked".to_owned());
+                }
+                closed.clone()
+            }
+            None => unrevocable,
+        };
+        let target = match connect.level {
+            5 => front.upstream.v5,
+            _ => front.upstream.v4,
+        };
+        let broker = TcpStream::connect(target)
+            .await
+            .map_err(|e| format!("broker unreachable: {e}"))?;
+        let _ = broker.set_nodelay(true);
+        let (mut broker_read, mut broker_write) = broker.into_split();
+        broker_write
+            .write_all(&connect_bytes)
+            .await
+            .map_err(|e| format!("broker write: {e}"))?;
+        let (mut client_read, mut client_write) = tokio::io::split(tls);
+        let mut guard = Guard::new(guard_identity, connect.level);
+        let inbound = async {
+            let mut buffer = vec![0u8; 16 * 1024];
+            let mut forward = Vec::with_capacity(16 * 1024);
+            loop {
+                let n = client_read
+                    .read(&mut buffer)
+                    .await
+                    .map_err(|e| format!("client read: {e}"))?;
+                if n == 0 {
+                    return Ok::<_, String>(());
+                }
+                forward.clear();
+                if let Err(refusal) = guard.feed(&buffer[..n], &mut forward) {
+                    // Forward what was allowed before the violation, then stop.
+                    let _ = broker_write.write_all(&forward).await;
+                    return Err(format!("guard: {refusal}"));
+                }
+                broker_write
+                    .write_all(&forward)
+                    .await
+                    .map_err(|e| format!("broker write: {e}"))?;
+            }
+        };
+        let outbound = async {
+            tokio::io::copy(&mut broker_read, &mut client_write)
+                .await
+                .map_err(|e| format!("client write: {e}"))
+        };
+        let outcome = tokio::select! {
+            result = inbound => result,
+            result = outbound => result.map(|_| ()),
+            _ = closed.wait_for(|close| *close) => Err("certificate revoked".to_owned()),
+            _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+        };
+        let _ = client_write.shutdown().await;
+        outcome
+    }
+    .await;
+    if let Some(((id, _), _)) = registration {
+        front.sessions.unregister(id);
+    }
+    result
+}
+
+/// CONNACK "server busy" for the client's protocol level.
+fn busy_connack(level: u8) -> Vec<u8> {
+    match level {
+        // MQTT 5: reason 0x89 Server busy, no properties.
+        5 => vec![0x20, 0x03, 0x00, 0x89, 0x00],
+        // MQTT 3.1.1: return code 3, server unavailable.
+        _ => vec![0x20, 0x02, 0x00, 0x03],
     }
 }
 
@@ -175,7 +449,7 @@ struct Connect {
 const MAX_CONNECT: usize = 64 * 1024;
 
 /// Reads the first MQTT packet, which must be CONNECT, without interpreting
-/// more than the protocol level.
+/// more than the protocol level (the guard checks the rest).
 async fn read_connect(stream: &mut (impl AsyncRead + Unpin)) -> Result<Connect, String> {
     let mut bytes = vec![0u8; 1];
     stream
@@ -246,5 +520,11 @@ mod tests {
         ] {
             assert!(read_connect(&mut &bad[..]).await.is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn busy_connacks_are_well_formed() {
+        assert_eq!(busy_connack(4), [0x20, 2, 0, 3]);
+        assert_eq!(busy_connack(5), [0x20, 3, 0, 0x89, 0]);
     }
 }

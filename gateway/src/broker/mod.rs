@@ -12,6 +12,7 @@
 
 pub mod embedded;
 pub mod front;
+pub mod guard;
 
 use tokio::sync::mpsc;
 
@@ -22,7 +23,12 @@ pub struct Message {
     pub topic: String,
     /// Payload.
     pub payload: Vec<u8>,
+    /// Whether the broker keeps it for later subscribers.
+    pub retain: bool,
 }
+
+/// Where the gateway publishes its current CRL (DER), retained.
+pub const CRL_TOPIC: &str = "idgate/v1/crl";
 
 /// The service's view of a broker.
 #[derive(Debug)]
@@ -34,4 +40,7 @@ pub struct Bus {
 }
 
 /// Topic filters the service subscribes to.
-pub const REQUEST_FILTERS: &[&str] = &["idgate/v1/devices/+/enroll/+"];
+pub const REQUEST_FILTERS: &[&str] = &[
+    "idgate/v1/devices/+/enroll/+",
+    "idgate/v1/devices/+/renew/+",
+];

@@ -54,6 +54,10 @@ pub enum DeviceStatus {
     Pending,
     /// Enrolled; may renew.
     Active,
+    /// Possibly cloned (a renewal counter went backwards, or one certificate
+    /// was renewed twice with different keys): renewals are refused until an
+    /// operator resumes the device.
+    Suspect,
     /// Temporarily cut off.
     Suspended,
     /// Permanently cut off.
@@ -64,9 +68,10 @@ pub enum DeviceStatus {
 
 impl DeviceStatus {
     /// Every status.
-    pub const ALL: [DeviceStatus; 5] = [
+    pub const ALL: [DeviceStatus; 6] = [
         DeviceStatus::Pending,
         DeviceStatus::Active,
+        DeviceStatus::Suspect,
         DeviceStatus::Suspended,
         DeviceStatus::Revoked,
         DeviceStatus::Retired,
@@ -77,6 +82,7 @@ impl DeviceStatus {
         match self {
             DeviceStatus::Pending => "pending",
             DeviceStatus::Active => "active",
+            DeviceStatus::Suspect => "suspect",
             DeviceStatus::Suspended => "suspended",
             DeviceStatus::Revoked => "revoked",
             DeviceStatus::Retired => "retired",
@@ -92,7 +98,9 @@ impl FromStr for DeviceStatus {
             .into_iter()
             .find(|status| status.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown status `{s}` (pending, active, suspended, revoked, retired)")
+                format!(
+                    "unknown status `{s}` (pending, active, suspect, suspended, revoked, retired)"
+                )
             })
     }
 }
@@ -137,6 +145,8 @@ pub struct Device {
     pub created_at: i64,
     /// Last status change.
     pub updated_at: i64,
+    /// Highest renewal counter accepted.
+    pub renew_counter: i64,
 }
 
 /// Filters for [`Registry::list_devices`]; `None` matches everything.
@@ -182,8 +192,10 @@ pub struct CertificateRecord {
     pub der: Vec<u8>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<i64>,
-    /// Why.
+    /// Why (RFC 5280 CRLReason name).
     pub revocation_reason: Option<String>,
+    /// The certificate this one renewed.
+    pub renewed_from: Option<String>,
 }
 
 /// A certificate to record together with the request that asked for it.
@@ -214,6 +226,61 @@ pub enum IssuanceError {
     /// The rid was answered meanwhile (a concurrent duplicate).
     #[error("the request id has been answered")]
     RidTaken,
+    /// Renewal: the device is no longer active.
+    #[error("the device is not active")]
+    NotActive,
+    /// Renewal: a renewal with an equal or greater counter was recorded meanwhile.
+    #[error("the renewal counter did not grow")]
+    CounterNotGreater,
+    /// The database failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// An operator's change to a device's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    /// Revoke for good.
+    Revoke {
+        /// RFC 5280 CRLReason name written to the certificates.
+        crl_reason: String,
+        /// Whether the device becomes `retired` rather than `revoked`.
+        retire: bool,
+    },
+    /// Suspend (certificates on hold).
+    Suspend,
+    /// Resume a suspended or suspect device.
+    Resume,
+}
+
+impl StatusChange {
+    fn verb(&self) -> &'static str {
+        match self {
+            StatusChange::Revoke { retire: true, .. } => "retire",
+            StatusChange::Revoke { .. } => "revoke",
+            StatusChange::Suspend => "suspend",
+            StatusChange::Resume => "resume",
+        }
+    }
+}
+
+/// A status change was refused; nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StatusError {
+    /// No such device.
+    #[error("no device `{0}` is registered")]
+    UnknownDevice(String),
+    /// The change does not apply to the device's current status.
+    #[error("cannot {action} device `{device}`: it is {status}")]
+    NotAllowed {
+        /// The device.
+        device: String,
+        /// Its status.
+        status: DeviceStatus,
+        /// What was asked.
+        action: &'static str,
+    },
     /// The database failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -464,7 +531,7 @@ impl Registry {
     /// One device.
     pub async fn device(&self, id: &str) -> Result<Option<Device>, RegistryError> {
         let row = sqlx::query(
-            "SELECT id, owner, site, model, status, created_by, created_at, updated_at \
+            "SELECT id, owner, site, model, status, created_by, created_at, updated_at, renew_counter \
              FROM devices WHERE id = $1",
         )
         .bind(id)
@@ -476,7 +543,7 @@ impl Registry {
     /// Devices matching `filter`, by id.
     pub async fn list_devices(&self, filter: &DeviceFilter) -> Result<Vec<Device>, RegistryError> {
         let mut sql = String::from(
-            "SELECT id, owner, site, model, status, created_by, created_at, updated_at \
+            "SELECT id, owner, site, model, status, created_by, created_at, updated_at, renew_counter \
              FROM devices WHERE 1 = 1",
         );
         let mut values: Vec<String> = Vec::new();
@@ -535,7 +602,7 @@ impl Registry {
     ) -> Result<Option<PriorRequest>, RegistryError> {
         let row = sqlx::query(
             "SELECT r.csr_sha256, c.serial, c.device_id, c.key_fingerprint, c.not_before, \
-             c.not_after, c.issued_at, c.der, c.revoked_at, c.revocation_reason \
+             c.not_after, c.issued_at, c.der, c.revoked_at, c.revocation_reason, c.renewed_from \
              FROM requests r JOIN certificates c ON c.serial = r.serial \
              WHERE r.device_id = $1 AND r.op = $2 AND r.rid = $3",
         )
@@ -563,22 +630,9 @@ impl Registry {
     ) -> Result<(), IssuanceError> {
         let _turn = self.write_turn.lock().await;
         let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
-        let certificate = &issuance.certificate;
-        let device_id = &certificate.device_id;
-        let at = certificate.issued_at;
-        let db = |e: sqlx::Error| IssuanceError::Registry(e.into());
-
-        let taken =
-            sqlx::query("SELECT 1 FROM requests WHERE device_id = $1 AND op = $2 AND rid = $3")
-                .bind(device_id)
-                .bind(issuance.op)
-                .bind(&issuance.rid)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-        if taken.is_some() {
-            return Err(IssuanceError::RidTaken);
-        }
+        let device_id = &issuance.certificate.device_id;
+        let at = issuance.certificate.issued_at;
+        ensure_rid_free(&mut tx, issuance).await?;
         let used = sqlx::query(
             "UPDATE enrollment_credentials SET used_at = $1 WHERE device_id = $2 AND used_at IS NULL",
         )
@@ -586,7 +640,7 @@ impl Registry {
         .bind(device_id)
         .execute(&mut *tx)
         .await
-        .map_err(db)?;
+        .map_err(RegistryError::from)?;
         if used.rows_affected() != 1 {
             return Err(IssuanceError::TokenUsed);
         }
@@ -597,73 +651,259 @@ impl Registry {
         .bind(device_id)
         .execute(&mut *tx)
         .await
-        .map_err(db)?;
+        .map_err(RegistryError::from)?;
         if activated.rows_affected() != 1 {
             return Err(IssuanceError::NotPending);
         }
-        let bound: Option<String> =
-            sqlx::query("SELECT device_id FROM device_keys WHERE key_fingerprint = $1")
-                .bind(certificate.key_fingerprint.clone())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?
-                .map(|r| r.try_get("device_id"))
-                .transpose()
-                .map_err(db)?;
-        match bound {
-            Some(owner) if owner != *device_id => return Err(IssuanceError::KeyReused),
-            Some(_) => {}
-            None => {
-                let inserted = sqlx::query(
-                    "INSERT INTO device_keys (key_fingerprint, device_id, bound_at) VALUES ($1, $2, $3)",
-                )
-                .bind(certificate.key_fingerprint.clone())
-                .bind(device_id)
-                .bind(at)
-                .execute(&mut *tx)
-                .await;
-                if let Err(e) = inserted {
-                    // A concurrent enrollment on another replica bound it first.
-                    let unique = e
-                        .as_database_error()
-                        .is_some_and(|d| d.is_unique_violation());
-                    return Err(if unique {
-                        IssuanceError::KeyReused
-                    } else {
-                        db(e)
-                    });
-                }
-            }
-        }
-        sqlx::query(
-            "INSERT INTO certificates (serial, device_id, key_fingerprint, not_before, not_after, \
-             issued_at, der) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&certificate.serial)
-        .bind(device_id)
-        .bind(certificate.key_fingerprint.clone())
-        .bind(certificate.not_before)
-        .bind(certificate.not_after)
-        .bind(at)
-        .bind(certificate.der.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO requests (device_id, op, rid, csr_sha256, serial, at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(device_id)
-        .bind(issuance.op)
-        .bind(&issuance.rid)
-        .bind(issuance.csr_sha256.clone())
-        .bind(&certificate.serial)
-        .bind(at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        store_issuance(&mut tx, issuance).await?;
         insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(RegistryError::from)?;
         Ok(())
+    }
+
+    /// Records a renewal: raises the device's counter (which must grow, and
+    /// the device must be active), binds the new key, stores the certificate
+    /// and the request, and audits it, in one durable transaction.
+    pub async fn record_renewal(
+        &self,
+        issuance: &Issuance,
+        counter: i64,
+        audit: &AuditEntry,
+    ) -> Result<(), IssuanceError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
+        let device_id = &issuance.certificate.device_id;
+        ensure_rid_free(&mut tx, issuance).await?;
+        let raised = sqlx::query(
+            "UPDATE devices SET renew_counter = $1, updated_at = $2 \
+             WHERE id = $3 AND status = 'active' AND renew_counter < $1",
+        )
+        .bind(counter)
+        .bind(issuance.certificate.issued_at)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(RegistryError::from)?;
+        if raised.rows_affected() != 1 {
+            // Something changed since the checks: tell which.
+            let row = sqlx::query("SELECT status FROM devices WHERE id = $1")
+                .bind(device_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(RegistryError::from)?;
+            let status: String = row.try_get("status").map_err(RegistryError::from)?;
+            return Err(if status == "active" {
+                IssuanceError::CounterNotGreater
+            } else {
+                IssuanceError::NotActive
+            });
+        }
+        store_issuance(&mut tx, issuance).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(RegistryError::from)?;
+        Ok(())
+    }
+
+    /// Marks an active device suspect (possible clone) and audits why.
+    /// Returns false if the device was not active (nothing changed, nothing
+    /// audited).
+    pub async fn mark_suspect(
+        &self,
+        device_id: &str,
+        audit: &AuditEntry,
+    ) -> Result<bool, RegistryError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE devices SET status = 'suspect', updated_at = $1 WHERE id = $2 AND status = 'active'",
+        )
+        .bind(audit.at)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        let changed = changed.rows_affected() == 1;
+        if changed {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Changes a device's status as an operator asked, updating its
+    /// certificates' revocation state to match, and audits it:
+    ///
+    /// - [`StatusChange::Revoke`]: every unexpired certificate is revoked
+    ///   (a held one gets the final reason); the device becomes revoked or retired;
+    /// - [`StatusChange::Suspend`]: every unexpired, unrevoked certificate is put
+    ///   on hold (`certificateHold`);
+    /// - [`StatusChange::Resume`]: held certificates are released; a suspended or
+    ///   suspect device becomes active again.
+    ///
+    /// Returns the serials whose revocation state changed.
+    pub async fn change_status(
+        &self,
+        device_id: &str,
+        change: &StatusChange,
+        audit: &AuditEntry,
+    ) -> Result<Vec<String>, StatusError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
+        let at = audit.at;
+        let row = sqlx::query("SELECT status FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(RegistryError::from)?
+            .ok_or_else(|| StatusError::UnknownDevice(device_id.to_owned()))?;
+        let status: String = row.try_get("status").map_err(RegistryError::from)?;
+        let status: DeviceStatus = status.parse().map_err(RegistryError::Corrupt)?;
+        let allowed: &[DeviceStatus] = match change {
+            StatusChange::Revoke { .. } => &[
+                DeviceStatus::Pending,
+                DeviceStatus::Active,
+                DeviceStatus::Suspect,
+                DeviceStatus::Suspended,
+            ],
+            StatusChange::Suspend => &[DeviceStatus::Active, DeviceStatus::Suspect],
+            StatusChange::Resume => &[DeviceStatus::Suspended, DeviceStatus::Suspect],
+        };
+        if !allowed.contains(&status) {
+            return Err(StatusError::NotAllowed {
+                device: device_id.to_owned(),
+                status,
+                action: change.verb(),
+            });
+        }
+        let (new_status, affected_sql, update_sql) = match change {
+            StatusChange::Revoke { retire, .. } => (
+                if *retire {
+                    DeviceStatus::Retired
+                } else {
+                    DeviceStatus::Revoked
+                },
+                "SELECT serial FROM certificates WHERE device_id = $1 AND not_after > $2 \
+                 AND (revoked_at IS NULL OR revocation_reason = 'certificateHold') ORDER BY serial",
+                "UPDATE certificates SET revoked_at = COALESCE(revoked_at, $3), revocation_reason = $4 \
+                 WHERE device_id = $1 AND not_after > $2 \
+                 AND (revoked_at IS NULL OR revocation_reason = 'certificateHold')",
+            ),
+            StatusChange::Suspend => (
+                DeviceStatus::Suspended,
+                "SELECT serial FROM certificates WHERE device_id = $1 AND not_after > $2 \
+                 AND revoked_at IS NULL ORDER BY serial",
+                "UPDATE certificates SET revoked_at = $3, revocation_reason = $4 \
+                 WHERE device_id = $1 AND not_after > $2 AND revoked_at IS NULL",
+            ),
+            StatusChange::Resume => (
+                DeviceStatus::Active,
+                "SELECT serial FROM certificates WHERE device_id = $1 AND not_after > $2 \
+                 AND revocation_reason = 'certificateHold' ORDER BY serial",
+                "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL \
+                 WHERE device_id = $1 AND not_after > $2 AND revocation_reason = 'certificateHold'",
+            ),
+        };
+        let reason = match change {
+            StatusChange::Revoke { crl_reason, .. } => crl_reason.clone(),
+            StatusChange::Suspend | StatusChange::Resume => "certificateHold".to_owned(),
+        };
+        let serials: Vec<String> = sqlx::query(affected_sql)
+            .bind(device_id)
+            .bind(at)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RegistryError::from)?
+            .iter()
+            .map(|r| r.try_get("serial"))
+            .collect::<Result<_, _>>()
+            .map_err(RegistryError::from)?;
+        let mut update = sqlx::query(update_sql).bind(device_id).bind(at);
+        if *change != StatusChange::Resume {
+            update = update.bind(at).bind(reason);
+        }
+        update
+            .execute(&mut *tx)
+            .await
+            .map_err(RegistryError::from)?;
+        sqlx::query("UPDATE devices SET status = $1, updated_at = $2 WHERE id = $3")
+            .bind(new_status.as_str())
+            .bind(at)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(RegistryError::from)?;
+        sqlx::query("UPDATE registry_state SET value = value + 1 WHERE name = 'revocation'")
+            .execute(&mut *tx)
+            .await
+            .map_err(RegistryError::from)?;
+        let mut audit = audit.clone();
+        if audit.detail.is_empty() {
+            audit.detail = format!("{status} -> {new_status}");
+        } else {
+            audit.detail = format!("{status} -> {new_status}; {}", audit.detail);
+        }
+        if !serials.is_empty() {
+            audit
+                .detail
+                .push_str(&format!("; certificates: {}", serials.join(",")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(RegistryError::from)?;
+        Ok(serials)
+    }
+
+    /// A grows-only number that changes whenever any certificate's revocation
+    /// state changes (in any replica).
+    pub async fn revocation_epoch(&self) -> Result<i64, RegistryError> {
+        Ok(
+            sqlx::query("SELECT value FROM registry_state WHERE name = 'revocation'")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("value")?,
+        )
+    }
+
+    /// Revoked (or held) certificates that have not expired at `now`: what a
+    /// CRL must list.
+    pub async fn revoked_unexpired(
+        &self,
+        now: i64,
+    ) -> Result<Vec<CertificateRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
+             revoked_at, revocation_reason, renewed_from FROM certificates \
+             WHERE revoked_at IS NOT NULL AND not_after > $1 ORDER BY serial",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(certificate_from_row).collect()
+    }
+
+    /// One certificate by serial.
+    pub async fn certificate(
+        &self,
+        serial: &str,
+    ) -> Result<Option<CertificateRecord>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
+             revoked_at, revocation_reason, renewed_from FROM certificates WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(certificate_from_row).transpose()
+    }
+
+    /// Certificates issued by renewing `serial`.
+    pub async fn successors(&self, serial: &str) -> Result<Vec<CertificateRecord>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
+             revoked_at, revocation_reason, renewed_from FROM certificates WHERE renewed_from = $1",
+        )
+        .bind(serial)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(certificate_from_row).collect()
     }
 
     /// Appends an audit entry on its own.
@@ -682,7 +922,7 @@ impl Registry {
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
         let rows = sqlx::query(
             "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
-             revoked_at, revocation_reason FROM certificates WHERE device_id = $1 \
+             revoked_at, revocation_reason, renewed_from FROM certificates WHERE device_id = $1 \
              ORDER BY issued_at DESC, serial",
         )
         .bind(device_id)
@@ -749,6 +989,96 @@ async fn insert_audit(
     Ok(())
 }
 
+/// Refuses a rid that was answered meanwhile (a concurrent duplicate).
+async fn ensure_rid_free(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    issuance: &Issuance,
+) -> Result<(), IssuanceError> {
+    let taken = sqlx::query("SELECT 1 FROM requests WHERE device_id = $1 AND op = $2 AND rid = $3")
+        .bind(&issuance.certificate.device_id)
+        .bind(issuance.op)
+        .bind(&issuance.rid)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(RegistryError::from)?;
+    if taken.is_some() {
+        return Err(IssuanceError::RidTaken);
+    }
+    Ok(())
+}
+
+/// Binds the key to the device, stores the certificate and the request.
+async fn store_issuance(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    issuance: &Issuance,
+) -> Result<(), IssuanceError> {
+    let certificate = &issuance.certificate;
+    let device_id = &certificate.device_id;
+    let at = certificate.issued_at;
+    let bound: Option<String> =
+        sqlx::query("SELECT device_id FROM device_keys WHERE key_fingerprint = $1")
+            .bind(certificate.key_fingerprint.clone())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(RegistryError::from)?
+            .map(|r| r.try_get("device_id"))
+            .transpose()
+            .map_err(RegistryError::from)?;
+    match bound {
+        Some(owner) if owner != *device_id => return Err(IssuanceError::KeyReused),
+        Some(_) => {}
+        None => {
+            let inserted = sqlx::query(
+                "INSERT INTO device_keys (key_fingerprint, device_id, bound_at) VALUES ($1, $2, $3)",
+            )
+            .bind(certificate.key_fingerprint.clone())
+            .bind(device_id)
+            .bind(at)
+            .execute(&mut **tx)
+            .await;
+            if let Err(e) = inserted {
+                // A concurrent request on another replica bound it first.
+                let unique = e
+                    .as_database_error()
+                    .is_some_and(|d| d.is_unique_violation());
+                return Err(if unique {
+                    IssuanceError::KeyReused
+                } else {
+                    RegistryError::from(e).into()
+                });
+            }
+        }
+    }
+    sqlx::query(
+        "INSERT INTO certificates (serial, device_id, key_fingerprint, not_before, not_after, \
+         issued_at, der, renewed_from) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&certificate.serial)
+    .bind(device_id)
+    .bind(certificate.key_fingerprint.clone())
+    .bind(certificate.not_before)
+    .bind(certificate.not_after)
+    .bind(at)
+    .bind(certificate.der.clone())
+    .bind(certificate.renewed_from.clone())
+    .execute(&mut **tx)
+    .await
+    .map_err(RegistryError::from)?;
+    sqlx::query(
+        "INSERT INTO requests (device_id, op, rid, csr_sha256, serial, at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(device_id)
+    .bind(issuance.op)
+    .bind(&issuance.rid)
+    .bind(issuance.csr_sha256.clone())
+    .bind(&certificate.serial)
+    .bind(at)
+    .execute(&mut **tx)
+    .await
+    .map_err(RegistryError::from)?;
+    Ok(())
+}
+
 fn device_from_row(row: &AnyRow) -> Result<Device, RegistryError> {
     let status: String = row.try_get("status")?;
     Ok(Device {
@@ -760,6 +1090,7 @@ fn device_from_row(row: &AnyRow) -> Result<Device, RegistryError> {
         created_by: row.try_get("created_by")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        renew_counter: row.try_get("renew_counter")?,
     })
 }
 
@@ -774,6 +1105,7 @@ fn certificate_from_row(row: &AnyRow) -> Result<CertificateRecord, RegistryError
         der: row.try_get("der")?,
         revoked_at: row.try_get("revoked_at")?,
         revocation_reason: row.try_get("revocation_reason")?,
+        renewed_from: row.try_get("renewed_from")?,
     })
 }
 

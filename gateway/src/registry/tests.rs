@@ -30,6 +30,9 @@ on_both_backends!(
     enrollment_is_recorded_once,
     keys_bind_to_one_device,
     reopening_keeps_data_and_schema,
+    renewal_counter_must_grow,
+    revoke_suspend_resume_track_certificates,
+    status_changes_are_checked,
 );
 
 fn new_device(id: &str, site: &str, owner: &str) -> NewDevice {
@@ -54,6 +57,7 @@ fn issuance(device: &str, serial: &str, key: u8, rid: &str) -> Issuance {
             der: vec![0x30, 0x00],
             revoked_at: None,
             revocation_reason: None,
+            renewed_from: None,
         },
         op: "enroll",
         rid: rid.into(),
@@ -240,4 +244,247 @@ async fn reopening_keeps_data_and_schema(db: TestDatabase) {
     registry.close().await;
     let again = Registry::open(&keep.url).await.unwrap();
     assert!(again.device("d1").await.unwrap().is_some());
+}
+
+fn renewal(device: &str, serial: &str, from: &str, key: u8, rid: &str, not_after: i64) -> Issuance {
+    let mut issuance = issuance(device, serial, key, rid);
+    issuance.op = "renew";
+    issuance.certificate.renewed_from = Some(from.into());
+    issuance.certificate.not_after = not_after;
+    issuance
+}
+
+async fn enrolled(registry: &Registry, id: &str, serial: &str, key: u8) {
+    registry
+        .add_device(&new_device(id, "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    let mut issuance = issuance(id, serial, key, "e");
+    issuance.certificate.not_after = 1_000;
+    registry
+        .record_enrollment(&issuance, &audit(id))
+        .await
+        .unwrap();
+}
+
+async fn renewal_counter_must_grow(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    enrolled(&registry, "d1", "4001", 1).await;
+    let renew_audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
+    registry
+        .record_renewal(
+            &renewal("d1", "4002", "4001", 2, "r1", 1_000),
+            5,
+            &renew_audit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        registry.device("d1").await.unwrap().unwrap().renew_counter,
+        5
+    );
+    let next = registry.successors("4001").await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].serial, "4002");
+    assert_eq!(
+        registry
+            .certificate("4002")
+            .await
+            .unwrap()
+            .unwrap()
+            .renewed_from
+            .as_deref(),
+        Some("4001")
+    );
+    assert!(registry.certificate("ffff").await.unwrap().is_none());
+
+    for counter in [5, 4] {
+        let again = registry
+            .record_renewal(
+                &renewal("d1", "4003", "4002", 3, "r2", 1_000),
+                counter,
+                &renew_audit(),
+            )
+            .await;
+        assert!(
+            matches!(again, Err(IssuanceError::CounterNotGreater)),
+            "{counter}"
+        );
+    }
+    assert!(
+        registry.certificate("4003").await.unwrap().is_none(),
+        "nothing written"
+    );
+
+    let suspect = || AuditEntry::new(170, "gateway", "device.suspect").device("d1");
+    assert!(registry.mark_suspect("d1", &suspect()).await.unwrap());
+    assert!(
+        !registry.mark_suspect("d1", &suspect()).await.unwrap(),
+        "already suspect"
+    );
+    let suspect_entries = registry
+        .audit_trail("d1")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "device.suspect")
+        .count();
+    assert_eq!(suspect_entries, 1, "audited once, when it changed");
+    let refused = registry
+        .record_renewal(
+            &renewal("d1", "4003", "4002", 3, "r2", 1_000),
+            9,
+            &renew_audit(),
+        )
+        .await;
+    assert!(matches!(refused, Err(IssuanceError::NotActive)));
+}
+
+async fn revoke_suspend_resume_track_certificates(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    enrolled(&registry, "d1", "4001", 1).await;
+    let renew_audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
+    registry
+        .record_renewal(
+            &renewal("d1", "4002", "4001", 2, "r1", 1_000),
+            1,
+            &renew_audit(),
+        )
+        .await
+        .unwrap();
+    // An expired certificate is left alone by every change.
+    registry
+        .record_renewal(
+            &renewal("d1", "4000", "4001", 3, "r0", 50),
+            2,
+            &renew_audit(),
+        )
+        .await
+        .unwrap();
+    let epoch = registry.revocation_epoch().await.unwrap();
+
+    let held = registry
+        .change_status(
+            "d1",
+            &StatusChange::Suspend,
+            &AuditEntry::new(200, "cli:op", "device.suspend").device("d1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held, ["4001", "4002"]);
+    assert_eq!(
+        registry.device("d1").await.unwrap().unwrap().status,
+        DeviceStatus::Suspended
+    );
+    let listed = registry.revoked_unexpired(200).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|c| c.revocation_reason.as_deref() == Some("certificateHold"))
+    );
+    assert!(registry.revocation_epoch().await.unwrap() > epoch);
+
+    let released = registry
+        .change_status(
+            "d1",
+            &StatusChange::Resume,
+            &AuditEntry::new(210, "cli:op", "device.resume").device("d1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(released, ["4001", "4002"]);
+    assert!(registry.revoked_unexpired(210).await.unwrap().is_empty());
+    assert_eq!(
+        registry.device("d1").await.unwrap().unwrap().status,
+        DeviceStatus::Active
+    );
+
+    let revoke = StatusChange::Revoke {
+        crl_reason: "keyCompromise".into(),
+        retire: false,
+    };
+    let revoked = registry
+        .change_status(
+            "d1",
+            &revoke,
+            &AuditEntry::new(220, "cli:op", "device.revoke").device("d1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked, ["4001", "4002"]);
+    let listed = registry.revoked_unexpired(220).await.unwrap();
+    assert!(
+        listed.iter().all(|c| c.revoked_at == Some(220)
+            && c.revocation_reason.as_deref() == Some("keyCompromise"))
+    );
+    assert!(
+        registry.revoked_unexpired(2_000).await.unwrap().is_empty(),
+        "expired ones drop off"
+    );
+    assert!(
+        registry
+            .certificate("4000")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
+    assert_eq!(
+        registry.device("d1").await.unwrap().unwrap().status,
+        DeviceStatus::Revoked
+    );
+
+    let trail = registry.audit_trail("d1").await.unwrap();
+    let revoke_entry = trail.iter().find(|a| a.action == "device.revoke").unwrap();
+    assert_eq!(revoke_entry.actor, "cli:op");
+    assert!(
+        revoke_entry.detail.contains("active -> revoked"),
+        "{}",
+        revoke_entry.detail
+    );
+}
+
+async fn status_changes_are_checked(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    enrolled(&registry, "d1", "4001", 1).await;
+    let revoke = StatusChange::Revoke {
+        crl_reason: "cessationOfOperation".into(),
+        retire: true,
+    };
+    let entry = AuditEntry::new(200, "cli:op", "device.revoke").device("d1");
+    assert!(matches!(
+        registry.change_status("nope", &revoke, &entry).await,
+        Err(StatusError::UnknownDevice(_))
+    ));
+    assert!(matches!(
+        registry
+            .change_status("d1", &StatusChange::Resume, &entry)
+            .await,
+        Err(StatusError::NotAllowed {
+            status: DeviceStatus::Active,
+            ..
+        })
+    ));
+    registry.change_status("d1", &revoke, &entry).await.unwrap();
+    assert_eq!(
+        registry.device("d1").await.unwrap().unwrap().status,
+        DeviceStatus::Retired
+    );
+    for change in [revoke.clone(), StatusChange::Suspend, StatusChange::Resume] {
+        assert!(matches!(
+            registry.change_status("d1", &change, &entry).await,
+            Err(StatusError::NotAllowed {
+                status: DeviceStatus::Retired,
+                ..
+            })
+        ));
+    }
 }

@@ -7,6 +7,9 @@
 
 mod bad_input;
 mod enroll;
+mod front;
+mod lifecycle;
+mod renew_bad_input;
 
 /// Runs an async test body on SQLite and on PostgreSQL.
 macro_rules! on_both_backends {

@@ -12,10 +12,12 @@ CREATE TABLE devices (
     owner      TEXT NOT NULL REFERENCES owners (email),
     site       TEXT NOT NULL,
     model      TEXT,
-    status     TEXT NOT NULL CHECK (status IN ('pending', 'active', 'suspended', 'revoked', 'retired')),
+    status     TEXT NOT NULL CHECK (status IN ('pending', 'active', 'suspect', 'suspended', 'revoked', 'retired')),
     created_by TEXT NOT NULL,
     created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
+    updated_at BIGINT NOT NULL,
+    -- Highest renewal counter accepted; a renewal must bring a greater one.
+    renew_counter BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX devices_site ON devices (site);
 CREATE INDEX devices_owner ON devices (owner);
@@ -39,9 +41,14 @@ CREATE TABLE certificates (
     issued_at         BIGINT NOT NULL,
     der               BYTEA NOT NULL,
     revoked_at        BIGINT,
-    revocation_reason TEXT
+    -- RFC 5280 CRLReason name (keyCompromise, certificateHold, ...).
+    revocation_reason TEXT,
+    -- The certificate this one renewed, if it came from a renewal.
+    renewed_from      TEXT
 );
 CREATE INDEX certificates_device ON certificates (device_id);
+CREATE INDEX certificates_renewed_from ON certificates (renewed_from);
+CREATE INDEX certificates_revoked ON certificates (revoked_at);
 
 -- Which device a public key belongs to: a key is never bound to two devices.
 CREATE TABLE device_keys (
@@ -60,6 +67,15 @@ CREATE TABLE requests (
     at         BIGINT NOT NULL,
     PRIMARY KEY (device_id, op, rid)
 );
+
+-- Counters other processes watch: `revocation` grows on every revocation,
+-- suspension or resumption, so every gateway replica notices and refreshes its
+-- CRL, its TLS verifier and its live sessions.
+CREATE TABLE registry_state (
+    name  TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO registry_state (name, value) VALUES ('revocation', 0);
 
 -- Append-only: the registry has no statement that updates or deletes a row here.
 -- `id` sorts in time order (milliseconds, then random).

@@ -1,0 +1,158 @@
+//! The MQTT front door: devices confined to their own topics, clients without
+//! a certificate to enrollment and renewal, silent connections that cannot
+//! block anyone, and a connection storm answered with "busy" instead of
+//! falling over.
+
+use std::time::{Duration, Instant};
+
+use idgate_gateway::testing::TestDatabase;
+use idgate_sim::{EnrollOptions, enroll};
+use idgate_tests::{Harness, RawClient};
+use rumqttc::{ConnectReturnCode, ConnectionError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_confined_to_their_own_topics() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let a = h.identity_for("dev-a");
+
+    // B's topics: the connection is closed. (Each check on a connection of
+    // its own; they share A's client id, so each one replaces the last.)
+    let mut spy = h.client_as("dev-a", &a).await.unwrap();
+    assert!(spy.subscribe("idgate/v1/devices/dev-b/#").await.is_err());
+    let mut spy = h.client_as("dev-a", &a).await.unwrap();
+    assert!(
+        spy.subscribe("idgate/v1/devices/+/renew/cbor/accepted")
+            .await
+            .is_err()
+    );
+    let mut forger = h.client_as("dev-a", &a).await.unwrap();
+    assert!(
+        forger
+            .publish_and_ping("idgate/v1/devices/dev-b/renew/cbor", b"x".to_vec())
+            .await
+            .is_err()
+    );
+
+    // Its own topics: fine.
+    let mut own = h.client_as("dev-a", &a).await.unwrap();
+    own.subscribe("idgate/v1/devices/dev-a/#").await.unwrap();
+    own.publish_and_ping("idgate/v1/devices/dev-a/telemetry", b"21.5".to_vec())
+        .await
+        .unwrap();
+    own.subscribe("idgate/v1/crl").await.unwrap();
+
+    // Connecting as B with A's certificate: refused at CONNECT.
+    match h.client_as("dev-b", &a).await {
+        Err(ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, ConnectReturnCode::BadClientId)
+        }
+        Err(other) => panic!("expected a CONNACK refusal, got {other}"),
+        Ok(_) => panic!("connected as another device"),
+    }
+
+    // Without a certificate: enrollment and renewal topics only.
+    let mut anonymous = h.client("dev-a").await;
+    anonymous
+        .subscribe("idgate/v1/devices/dev-a/enroll/cbor/+")
+        .await
+        .unwrap();
+    let mut anonymous = h.client("x").await;
+    assert!(
+        anonymous
+            .subscribe("idgate/v1/devices/+/enroll/cbor/accepted")
+            .await
+            .is_err()
+    );
+    let mut anonymous = h.client("x").await;
+    assert!(
+        anonymous
+            .publish_and_ping("idgate/v1/devices/dev-a/telemetry", b"1".to_vec())
+            .await
+            .is_err()
+    );
+
+    // An anonymous client using A's id did not take over A's session.
+    own.subscribe("idgate/v1/devices/dev-a/still-here")
+        .await
+        .unwrap();
+    assert_eq!(h.gateway.sessions().device_sessions("dev-a"), 1);
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_block_devices() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(
+            tokio::net::TcpStream::connect(h.gateway.mqtt_address())
+                .await
+                .unwrap(),
+        );
+    }
+    let token = h.add_device("late-1", "hall").await;
+    let root = std::fs::read(h.root_ca()).unwrap();
+    let started = Instant::now();
+    let mut options = EnrollOptions::new(h.broker(), root, "late-1", token);
+    // Well inside the 10 s the silent clients may hold their sockets.
+    options.timeout = Duration::from_secs(8);
+    let enrolled = enroll(&options).await.unwrap();
+    println!(
+        "with 200 silent connections open, a device enrolled in {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(h.registry().certificate_count("late-1").await.unwrap(), 1);
+    assert!(!enrolled.serial.is_empty());
+    drop(silent);
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_mtls_connects_gets_in_or_gets_busy() {
+    const CLIENTS: usize = 1000;
+    const LIMIT: usize = 600;
+    let h = Harness::start_with(TestDatabase::Sqlite, |s| s.limits.max_connections = LIMIT)
+        .await
+        .unwrap();
+    let identities: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let id = format!("storm-{i:04}");
+            let identity = h.identity_for(&id);
+            (id, identity)
+        })
+        .collect();
+    let root = h.root_ca();
+    let port = h.gateway.mqtt_address().port();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, identity) in identities {
+        let root = root.clone();
+        tasks.spawn(async move { RawClient::try_connect(&root, port, &id, Some(&identity)).await });
+    }
+    let (mut connected, mut busy, mut other) = (Vec::new(), 0usize, Vec::new());
+    while let Some(joined) = tasks.join_next().await {
+        match joined.unwrap() {
+            Ok(client) => connected.push(client),
+            Err(ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable)) => {
+                busy += 1
+            }
+            Err(e) => other.push(e.to_string()),
+        }
+    }
+    println!(
+        "storm of {CLIENTS} mTLS connects (limit {LIMIT}): {} connected, {busy} told busy, {} failed otherwise, in {} ms",
+        connected.len(),
+        other.len(),
+        started.elapsed().as_millis()
+    );
+    assert!(
+        other.is_empty(),
+        "every client gets in or gets busy: {:?}",
+        &other[..other.len().min(5)]
+    );
+    assert_eq!(connected.len() + busy, CLIENTS);
+    assert!(connected.len() <= LIMIT);
+    assert!(busy >= CLIENTS - LIMIT);
+    drop(connected);
+    h.gateway.shutdown().await;
+}
