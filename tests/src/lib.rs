@@ -221,9 +221,17 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// TLS client configuration trusting only `root_pem`, presenting `identity`.
+/// TLS client configuration trusting only `root_pem`.
 pub fn tls_trusting(root_pem: &std::path::Path) -> Arc<rustls::ClientConfig> {
     tls_config(root_pem, None)
+}
+
+/// TLS client configuration trusting only `root_pem`, presenting `identity`.
+pub fn tls_with_identity(
+    root_pem: &std::path::Path,
+    identity: &DeviceIdentity,
+) -> Arc<rustls::ClientConfig> {
+    tls_config(root_pem, Some(identity))
 }
 
 fn tls_config(

@@ -346,3 +346,42 @@ pub(crate) fn key_reused() -> Rejection {
         "this public key is already bound to another device",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(serial: &str, issued_at: i64, lifetime: i64) -> CertificateRecord {
+        CertificateRecord {
+            serial: serial.into(),
+            device_id: "d".into(),
+            key_fingerprint: vec![],
+            not_before: issued_at - 300,
+            not_after: issued_at + lifetime,
+            issued_at,
+            der: vec![],
+            revoked_at: None,
+            revocation_reason: None,
+            renewed_from: None,
+        }
+    }
+
+    #[test]
+    fn renewal_windows_spread_between_half_and_seventy_percent() {
+        let lifetime = 86_400;
+        let mut starts = std::collections::HashSet::new();
+        for i in 0..500 {
+            let serial = format!("{:032x}", 0x4000_0000_0000_0000_0000_0000_0000_0000u128 + i);
+            let (after, before) = renewal_window(&record(&serial, 1_000_000, lifetime));
+            assert!(after >= 1_000_000 + lifetime / 2, "{after}");
+            assert!(after < 1_000_000 + lifetime * 7 / 10, "{after}");
+            assert_eq!(before, 1_000_000 + lifetime * 9 / 10);
+            starts.insert(after);
+        }
+        // A fleet enrolled in the same second does not renew in the same second.
+        assert!(starts.len() > 150, "only {} distinct starts", starts.len());
+        // The same certificate always gets the same window.
+        let r = record("4abc", 5, 1000);
+        assert_eq!(renewal_window(&r), renewal_window(&r.clone()));
+    }
+}

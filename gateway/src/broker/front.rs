@@ -385,6 +385,7 @@ async fn connection(
             .map_err(|e| format!("broker write: {e}"))?;
         let (mut client_read, mut client_write) = tokio::io::split(tls);
         let mut guard = Guard::new(guard_identity, connect.level);
+        let mut refused = None;
         let inbound = async {
             let mut buffer = vec![0u8; 16 * 1024];
             let mut forward = Vec::with_capacity(16 * 1024);
@@ -400,7 +401,9 @@ async fn connection(
                 if let Err(refusal) = guard.feed(&buffer[..n], &mut forward) {
                     // Forward what was allowed before the violation, then stop.
                     let _ = broker_write.write_all(&forward).await;
-                    return Err(format!("guard: {refusal}"));
+                    let reason = format!("guard: {refusal}");
+                    refused = Some(refusal);
+                    return Err(reason);
                 }
                 broker_write
                     .write_all(&forward)
@@ -419,6 +422,13 @@ async fn connection(
             _ = closed.wait_for(|close| *close) => Err("certificate revoked".to_owned()),
             _ = shutdown.wait_for(|stop| *stop) => Ok(()),
         };
+        // The relay futures are gone; the client's write half is ours again.
+        if let Some(packet) = refused
+            .as_ref()
+            .and_then(|refusal| guard::disconnect_packet(connect.level, refusal))
+        {
+            let _ = client_write.write_all(&packet).await;
+        }
         let _ = client_write.shutdown().await;
         outcome
     }

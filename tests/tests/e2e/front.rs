@@ -156,3 +156,54 @@ async fn a_storm_of_mtls_connects_gets_in_or_gets_busy() {
     drop(connected);
     h.gateway.shutdown().await;
 }
+
+/// An MQTT 5 string: 2-byte length, then the bytes.
+fn mqtt_string(s: &str) -> Vec<u8> {
+    let mut out = (s.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    assert!(body.len() < 128);
+    let mut out = vec![first, body.len() as u8];
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_violations_get_a_disconnect_before_the_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let a = h.identity_for("dev-a");
+    let tls = idgate_tests::tls_with_identity(&h.root_ca(), &a);
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+
+    let mut connect = mqtt_string("MQTT");
+    connect.extend_from_slice(&[5, 0x02, 0, 60, 0]); // level 5, clean start, keep alive, no properties
+    connect.extend_from_slice(&mqtt_string("dev-a"));
+    stream.write_all(&packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 5];
+    stream.read_exact(&mut connack[..2]).await.unwrap();
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    let rest = usize::from(connack[1]);
+    let mut body = vec![0u8; rest];
+    stream.read_exact(&mut body).await.unwrap();
+    assert_eq!(body[1], 0x00, "accepted");
+
+    let mut subscribe = vec![0, 1, 0]; // packet id 1, no properties
+    subscribe.extend_from_slice(&mqtt_string("idgate/v1/devices/dev-b/#"));
+    subscribe.push(0x01);
+    stream.write_all(&packet(0x82, &subscribe)).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+    assert!(reply.len() >= 3, "{reply:?}");
+    assert_eq!(reply[0], 0xe0, "DISCONNECT, not SUBACK: {reply:?}");
+    assert_eq!(reply[2], 0x87, "reason: not authorized");
+    h.gateway.shutdown().await;
+}

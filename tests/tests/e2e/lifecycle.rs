@@ -253,6 +253,42 @@ async fn enroll_renew_revoke(db: TestDatabase) {
         "{out}"
     );
 
+    // Bad OCSP requests get the RFC's answers: malformedRequest for garbage,
+    // `unknown` for another issuer's certificate.
+    const MALFORMED: [u8; 5] = [0x30, 0x03, 0x0a, 0x01, 0x01];
+    assert_eq!(
+        h.http_post("/ocsp", b"not DER at all").await,
+        (200, MALFORMED.to_vec())
+    );
+    assert_eq!(
+        h.http_get("/ocsp/%25%25%25").await,
+        (200, MALFORMED.to_vec())
+    );
+    let other = idgate_pki::ca::create("other", time::OffsetDateTime::now_utc()).unwrap();
+    std::fs::write(dir.path().join("other.pem"), &other.issuing_certificate).unwrap();
+    let out = openssl(
+        &[
+            "ocsp",
+            "-issuer",
+            "other.pem",
+            "-serial",
+            "0x4abc",
+            "-no_nonce",
+            "-reqout",
+            "other.req",
+        ],
+        dir.path(),
+    );
+    let request = std::fs::read(dir.path().join("other.req")).unwrap_or_else(|_| panic!("{out}"));
+    let (status, response) = h.http_post("/ocsp", &request).await;
+    assert_eq!(status, 200);
+    std::fs::write(dir.path().join("other.resp"), response).unwrap();
+    let out = openssl(
+        &["ocsp", "-respin", "other.resp", "-resp_text", "-noverify"],
+        dir.path(),
+    );
+    assert!(out.contains("Cert Status: unknown"), "{out}");
+
     // The CRL is retained on its MQTT topic too.
     let mut reader = h.client("crl-reader").await;
     let retained = reader.first_message("idgate/v1/crl").await;
