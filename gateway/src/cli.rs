@@ -252,6 +252,14 @@ async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Resu
         data.root_certificate().display()
     );
     say!(
+        "  CRL                  http://{}/crl",
+        gateway.http_address()
+    );
+    say!(
+        "  OCSP responder       http://{}/ocsp",
+        gateway.http_address()
+    );
+    say!(
         "  certificate lifetime {}",
         format_duration(args.cert_lifetime)
     );

@@ -81,7 +81,15 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("no data directory"));
 
     let (mut gateway, port, lines) = serve(&data);
-    let printed: Vec<String> = lines.try_iter().collect();
+    let mut printed: Vec<String> = Vec::new();
+    while !printed.iter().any(|l| l.contains("OCSP responder")) {
+        printed.push(
+            lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("serve prints its endpoints"),
+        );
+    }
+    assert!(printed.iter().any(|l| l.contains("/crl")), "{printed:?}");
     assert!(
         data.join("ca/root.pem").exists(),
         "serve initialised the data directory"
@@ -194,6 +202,48 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+
+    // Suspend, resume, revoke: as facilities staff would type them.
+    let out = run_ok(idgate(&data).args(["device", "suspend", "sensor-1"]));
+    assert!(
+        out.contains("Suspended device sensor-1; 1 certificate(s) on hold"),
+        "{out}"
+    );
+    let out = run_ok(idgate(&data).args(["device", "resume", "sensor-1"]));
+    assert!(out.contains("Resumed device sensor-1"), "{out}");
+    let bogus = idgate(&data)
+        .args(["device", "revoke", "sensor-1", "--reason", "misplaced"])
+        .output()
+        .unwrap();
+    assert!(!bogus.status.success());
+    assert!(
+        String::from_utf8_lossy(&bogus.stderr)
+            .contains("lost, stolen, compromised, retired, superseded")
+    );
+    let out = run_ok(idgate(&data).args(["device", "revoke", "sensor-1", "--reason", "stolen"]));
+    assert!(
+        out.contains("Revoked device sensor-1 (stolen); 1 certificate(s) revoked"),
+        "{out}"
+    );
+    let twice = idgate(&data)
+        .args(["device", "revoke", "sensor-1", "--reason", "stolen"])
+        .output()
+        .unwrap();
+    assert!(!twice.status.success());
+    assert!(
+        String::from_utf8_lossy(&twice.stderr)
+            .contains("cannot revoke device `sensor-1`: it is revoked")
+    );
+    let unknown = idgate(&data)
+        .args(["device", "suspend", "ghost"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no device `ghost` is registered"));
+    let shown = run_ok(idgate(&data).args(["device", "show", "sensor-1"]));
+    assert!(
+        shown.contains("status      revoked") && shown.contains("reason=stolen"),
+        "{shown}"
+    );
 
     // SIGTERM: a clean stop with exit status 0.
     let pid = gateway.id().to_string();
