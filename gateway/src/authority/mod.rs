@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::provisioner::token::Tokens;
 use crate::registry::{
-    AuditEntry, CertificateRecord, DeviceStatus, Issuance, IssuanceError, Registry,
+    AuditEntry, CertificateRecord, Device, DeviceStatus, Issuance, IssuanceError, Registry,
 };
 
 /// A refusal: the stable code for the device and a message for people. The
@@ -177,33 +177,49 @@ impl Authority {
         }
     }
 
-    async fn try_enroll(
+    /// What every request starts with: the device must exist, and a repeated
+    /// rid gets its first answer before anything else is looked at.
+    pub(crate) async fn open(
         &self,
+        op: &str,
         device_id: &str,
-        request: &EnrollRequestBuf,
-        now: i64,
-    ) -> Result<Answer, Rejection> {
-        let internal = |e: &dyn std::fmt::Display| {
-            error!(error = %e, "registry failure during enrollment");
-            Rejection::internal()
-        };
-        let registry = &self.registry;
-        let device = registry
+        rid: &str,
+        csr: &[u8],
+    ) -> Result<Opening, Rejection> {
+        let device = self
+            .registry
             .device(device_id)
             .await
             .map_err(|e| internal(&e))?
             .ok_or_else(|| {
                 Rejection::new(RejectCode::UnknownDevice, "no such device is registered")
             })?;
-
-        let csr_sha256 = Sha256::digest(&request.csr).to_vec();
-        if let Some(prior) = registry
-            .prior_request(device_id, ENROLL, &request.rid)
+        let csr_sha256 = Sha256::digest(csr).to_vec();
+        match self
+            .registry
+            .prior_request(device_id, op, rid)
             .await
             .map_err(|e| internal(&e))?
         {
-            return self.repeat(prior, &csr_sha256);
+            Some(prior) => self.repeat(prior, &csr_sha256).map(Opening::Repeated),
+            None => Ok(Opening::Fresh { device, csr_sha256 }),
         }
+    }
+
+    async fn try_enroll(
+        &self,
+        device_id: &str,
+        request: &EnrollRequestBuf,
+        now: i64,
+    ) -> Result<Answer, Rejection> {
+        let registry = &self.registry;
+        let (device, csr_sha256) = match self
+            .open(ENROLL, device_id, &request.rid, &request.csr)
+            .await?
+        {
+            Opening::Repeated(answer) => return Ok(answer),
+            Opening::Fresh { device, csr_sha256 } => (device, csr_sha256),
+        };
 
         let credential = registry
             .credential(device_id)
@@ -338,6 +354,26 @@ pub fn renewal_window(certificate: &CertificateRecord) -> (i64, i64) {
         certificate.issued_at + lifetime * (500 + spread) / 1000,
         certificate.issued_at + lifetime * 9 / 10,
     )
+}
+
+/// A request's opening: a fresh request for a known device, or the answer
+/// already given to this rid.
+pub(crate) enum Opening {
+    /// Not seen before.
+    Fresh {
+        /// The device.
+        device: Device,
+        /// SHA-256 of the request's CSR.
+        csr_sha256: Vec<u8>,
+    },
+    /// A repeated rid, answered as the first time.
+    Repeated(Answer),
+}
+
+/// Logs a failure of ours (registry, signing) and gives the device `internal`.
+pub(crate) fn internal(e: &dyn std::fmt::Display) -> Rejection {
+    error!(error = %e, "gateway failure while serving a request");
+    Rejection::internal()
 }
 
 pub(crate) fn key_reused() -> Rejection {

@@ -10,12 +10,11 @@
 use idgate_pki::check::check_csr;
 use idgate_pki::protocol::{MAX_RENEW_MESSAGE, RejectCode, renew_message};
 use idgate_pki::wire::RenewRequestBuf;
-use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 use x509_parser::oid_registry::{OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{Answer, Authority, Rejection, key_reused};
+use super::{Answer, Authority, Opening, Rejection, internal, key_reused};
 use crate::registry::{
     AuditEntry, CertificateRecord, Device, DeviceStatus, Issuance, IssuanceError,
 };
@@ -66,27 +65,14 @@ impl Authority {
         request: &RenewRequestBuf,
         now: i64,
     ) -> Result<Answer, Rejection> {
-        let internal = |e: &dyn std::fmt::Display| {
-            error!(error = %e, "registry failure during renewal");
-            Rejection::internal()
-        };
         let registry = &self.registry;
-        let device = registry
-            .device(device_id)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                Rejection::new(RejectCode::UnknownDevice, "no such device is registered")
-            })?;
-
-        let csr_sha256 = Sha256::digest(&request.csr).to_vec();
-        if let Some(prior) = registry
-            .prior_request(device_id, RENEW, &request.rid)
-            .await
-            .map_err(|e| internal(&e))?
+        let (device, csr_sha256) = match self
+            .open(RENEW, device_id, &request.rid, &request.csr)
+            .await?
         {
-            return self.repeat(prior, &csr_sha256);
-        }
+            Opening::Repeated(answer) => return Ok(answer),
+            Opening::Fresh { device, csr_sha256 } => (device, csr_sha256),
+        };
         if let Some(refusal) = status_refusal(device.status) {
             return Err(refusal);
         }
