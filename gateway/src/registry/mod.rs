@@ -12,6 +12,17 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use tokio::sync::Mutex;
 
+/// A `SELECT` of every column [`certificate_from_row`] reads, then `$tail`.
+macro_rules! select_certificates {
+    ($tail:literal) => {
+        concat!(
+            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
+             revoked_at, revocation_reason, renewed_from FROM certificates ",
+            $tail
+        )
+    };
+}
+
 /// The schema, in order. A migration never changes once released.
 const MIGRATIONS: &[(i64, &str, &str)] =
     &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
@@ -868,11 +879,9 @@ impl Registry {
         &self,
         now: i64,
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
-             revoked_at, revocation_reason, renewed_from FROM certificates \
-             WHERE revoked_at IS NOT NULL AND not_after > $1 ORDER BY serial",
-        )
+        let rows = sqlx::query(select_certificates!(
+            "WHERE revoked_at IS NOT NULL AND not_after > $1 ORDER BY serial"
+        ))
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
@@ -884,25 +893,19 @@ impl Registry {
         &self,
         serial: &str,
     ) -> Result<Option<CertificateRecord>, RegistryError> {
-        let row = sqlx::query(
-            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
-             revoked_at, revocation_reason, renewed_from FROM certificates WHERE serial = $1",
-        )
-        .bind(serial)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(select_certificates!("WHERE serial = $1"))
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(certificate_from_row).transpose()
     }
 
     /// Certificates issued by renewing `serial`.
     pub async fn successors(&self, serial: &str) -> Result<Vec<CertificateRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
-             revoked_at, revocation_reason, renewed_from FROM certificates WHERE renewed_from = $1",
-        )
-        .bind(serial)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(select_certificates!("WHERE renewed_from = $1"))
+            .bind(serial)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(certificate_from_row).collect()
     }
 
@@ -920,11 +923,9 @@ impl Registry {
         &self,
         device_id: &str,
     ) -> Result<Vec<CertificateRecord>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT serial, device_id, key_fingerprint, not_before, not_after, issued_at, der, \
-             revoked_at, revocation_reason, renewed_from FROM certificates WHERE device_id = $1 \
-             ORDER BY issued_at DESC, serial",
-        )
+        let rows = sqlx::query(select_certificates!(
+            "WHERE device_id = $1 ORDER BY issued_at DESC, serial"
+        ))
         .bind(device_id)
         .fetch_all(&self.pool)
         .await?;
