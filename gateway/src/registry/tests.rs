@@ -488,3 +488,37 @@ async fn status_changes_are_checked(db: TestDatabase) {
         ));
     }
 }
+
+#[tokio::test]
+async fn sqlite_is_durable_wal_with_foreign_keys() {
+    let Some((registry, _keep)) = registry(TestDatabase::Sqlite).await else {
+        return;
+    };
+    // Every pooled connection gets the settings; check a few at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = registry.pool.acquire().await.unwrap();
+        let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(synchronous, 2, "synchronous = FULL");
+        let journal: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(journal, "wal");
+        let foreign_keys: i64 = sqlx::query("PRAGMA foreign_keys")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(foreign_keys, 1);
+        held.push(conn);
+    }
+}
