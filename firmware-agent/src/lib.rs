@@ -22,6 +22,7 @@ mod exchange;
 mod renewal;
 mod retry;
 mod rid;
+mod store;
 
 pub use enrollment::{Config, Enroll, Enrollment};
 pub use error::{Error, HardwareError, KeyOperation, PeerError, UsageError};
@@ -33,3 +34,6 @@ pub use exchange::{
 pub use renewal::{Renew, RenewConfig, Renewal};
 pub use retry::RetryPolicy;
 pub use rid::Rid;
+pub use store::{
+    Choice, Commit, Credential, CredentialStore, MAX_KEY_BLOB, MAX_RECORD, Status, StoreError,
+};

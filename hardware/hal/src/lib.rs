@@ -4,8 +4,66 @@
 //! a fault without knowing which chip raised it.
 //!
 //! Implementations live elsewhere: `idgate-sim` for the host, the board crates for
-//! real devices. Only the key store exists so far; flash, clock and RNG follow.
+//! real devices. The traits: [`KeyStore`] (a software key or a secure element),
+//! [`flash`] (the `embedded-storage` NOR flash traits, re-exported), [`Clock`]
+//! (monotonic milliseconds and, if the board has one, a wall clock) and [`Rng`]
+//! (a cryptographic RNG, `rand_core`'s `RngCore + CryptoRng`).
 #![no_std]
+
+/// A NOR flash region: the `embedded-storage` 0.3 traits, re-exported so the
+/// agent and the boards agree on one version. Erase sets bytes to `0xFF`, a
+/// write can only clear bits, and both work in units of
+/// [`ERASE_SIZE`](flash::NorFlash::ERASE_SIZE) and
+/// [`WRITE_SIZE`](flash::NorFlash::WRITE_SIZE).
+pub mod flash {
+    pub use embedded_storage::nor_flash::{
+        ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash, check_erase,
+        check_read, check_write,
+    };
+
+    /// The portable [`ErrorKind`](crate::ErrorKind) of a flash error.
+    pub fn error_kind(e: &impl NorFlashError) -> crate::ErrorKind {
+        match e.kind() {
+            NorFlashErrorKind::NotAligned | NorFlashErrorKind::OutOfBounds => {
+                crate::ErrorKind::Other
+            }
+            _ => crate::ErrorKind::Storage,
+        }
+    }
+}
+
+/// A cryptographically secure random number generator (key generation, request
+/// ids, jitter). Every `RngCore + CryptoRng` is one.
+pub trait Rng: rand_core::RngCore + rand_core::CryptoRng {}
+
+impl<T: rand_core::RngCore + rand_core::CryptoRng + ?Sized> Rng for T {}
+
+/// The device's sense of time.
+///
+/// `now_ms` is monotonic: it never goes back and keeps counting while the
+/// device runs, but may restart from zero at boot. `unix_time` is the wall
+/// clock, if the board has a real-time clock that is set; most sensors have
+/// none, and the agent then sets its idea of the time from the gateway's
+/// replies (see `idgate_agent::TimeKeeper`).
+pub trait Clock {
+    /// Milliseconds since an arbitrary point (usually boot); never decreasing.
+    fn now_ms(&mut self) -> u64;
+
+    /// Seconds since the Unix epoch, if a set real-time clock exists.
+    fn unix_time(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+impl<T: Clock + ?Sized> Clock for &mut T {
+    fn now_ms(&mut self) -> u64 {
+        T::now_ms(self)
+    }
+
+    fn unix_time(&mut self) -> Option<u64> {
+        T::unix_time(self)
+    }
+}
 
 use core::fmt;
 
@@ -168,6 +226,37 @@ mod tests {
     fn rotate(mut store: impl KeyStore) -> Result<(), ErrorKind> {
         store.generate_next().map_err(|e| e.kind())?;
         store.promote_next().map_err(|e| e.kind())
+    }
+
+    struct Ticks(u64);
+
+    impl Clock for Ticks {
+        fn now_ms(&mut self) -> u64 {
+            self.0 += 1;
+            self.0
+        }
+    }
+
+    #[test]
+    fn clocks_forward_and_default_to_no_wall_clock() {
+        let mut ticks = Ticks(0);
+        let by_reference = &mut ticks;
+        assert_eq!(Clock::now_ms(&mut &mut *by_reference), 1);
+        assert_eq!(Clock::unix_time(&mut &mut *by_reference), None);
+        assert_eq!(ticks.now_ms(), 2);
+    }
+
+    #[test]
+    fn flash_errors_map_to_kinds() {
+        use flash::NorFlashErrorKind;
+        assert_eq!(
+            flash::error_kind(&NorFlashErrorKind::Other),
+            ErrorKind::Storage
+        );
+        assert_eq!(
+            flash::error_kind(&NorFlashErrorKind::NotAligned),
+            ErrorKind::Other
+        );
     }
 
     #[test]

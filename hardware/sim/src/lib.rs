@@ -1,5 +1,6 @@
 //! Host-side stand-ins for device hardware and a device simulator: a software
-//! [`KeyStore`](idgate_hal::KeyStore) ([`SoftKeyStore`]), [`enroll`] and
+//! [`KeyStore`](idgate_hal::KeyStore) ([`SoftKeyStore`]), a NOR flash that can
+//! lose power after any byte ([`SimFlash`]), [`enroll`] and
 //! [`renew`], which run the real firmware agent over a real MQTT/TLS
 //! connection, the device's files ([`files`]), and a sans-IO [`FakeGateway`]
 //! for tests. The `idgate-sim` binary is a thin command line over this library.
@@ -7,6 +8,7 @@
 mod enroll;
 pub mod fake_gateway;
 pub mod files;
+mod flash;
 mod keystore;
 mod pem;
 mod renew;
@@ -15,6 +17,7 @@ mod tls;
 
 pub use enroll::{EnrollOptions, Enrolled, enroll};
 pub use fake_gateway::FakeGateway;
+pub use flash::{SimFlash, SimFlashError};
 pub use keystore::{Operation, SoftKeyError, SoftKeyStore};
 pub use renew::{RenewOptions, Renewed, renew};
 pub use tls::{BrokerAddress, client_config, client_config_with_certificate};
