@@ -13,7 +13,6 @@
 pub mod embedded;
 pub mod front;
 pub mod guard;
-pub mod guard;
 
 use tokio::sync::mpsc;
 
