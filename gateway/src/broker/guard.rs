@@ -12,6 +12,7 @@
 //! refused rather than passed on, so rumqttd never sees a packet we did not
 //! understand.
 
+use super::CRL_TOPIC;
 use idgate_pki::protocol::{Op, TOPIC_PREFIX, Topic, check_device_id};
 use rand::RngCore;
 
@@ -20,11 +21,6 @@ use rand::RngCore;
 /// fixed header, topic and properties, so that the broker, not the guard, is
 /// the one to enforce its own limit on payloads.
 pub const MAX_PACKET: usize = 64 * 1024 + 1024;
-
-/// The public, retained CRL topic, published by the gateway alone: anyone
-/// may subscribe, no client may publish. (The same as `broker::CRL_TOPIC`;
-/// kept here so the guard stands alone.)
-const CRL_TOPIC: &str = "idgate/v1/crl";
 
 /// Prepended to the client id of every connection without a device
 /// certificate. Device ids cannot start with `_`, so an anonymous client id
@@ -133,9 +129,27 @@ pub fn admit_connect(identity: &Identity, connect: &[u8]) -> Result<Vec<u8>, Ref
             } else {
                 format!("{ANONYMOUS_PREFIX}{}", parsed.client_id)
             };
-            replace_client_id(connect, &parsed, &client_id)
+            let mut packet = replace_client_id(connect, &parsed, &client_id)?;
+            force_clean_start(&mut packet)?;
+            Ok(packet)
         }
     }
+}
+
+/// Sets the Clean Session (3.1.1) / Clean Start (5) flag of a CONNECT: an
+/// anonymous client only makes requests and waits for their replies, and a
+/// broker should keep no session state for clients nobody vouches for.
+fn force_clean_start(packet: &mut [u8]) -> Result<(), Refusal> {
+    let (header_len, _) = fixed_header(packet)?.ok_or(Refusal::Malformed)?;
+    let name_len = packet
+        .get(header_len..header_len + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        .ok_or(Refusal::Malformed)?;
+    let flags = packet
+        .get_mut(header_len + 2 + name_len + 1)
+        .ok_or(Refusal::Malformed)?;
+    *flags |= 0x02;
+    Ok(())
 }
 
 /// The CONNACK refusing a connection for `refusal`, at protocol `level` (5:
@@ -1018,6 +1032,30 @@ mod tests {
             assert_eq!(parsed.client_id, "_anon.dev-1");
             assert!(parsed.will_topic.is_none());
         }
+    }
+
+    #[test]
+    fn anonymous_sessions_are_always_clean() {
+        for level in [4, 5] {
+            let mut connect = C::new(level, "dev-1");
+            connect.clean = false;
+            let admitted = admit_connect(&Identity::Anonymous, &connect.encode()).unwrap();
+            let parsed = parse_connect(&admitted).unwrap();
+            assert!(parsed.clean_start, "level {level}");
+            connect.clean = true;
+            connect.client_id = "_anon.dev-1".to_owned();
+            assert_eq!(
+                admitted,
+                connect.encode(),
+                "only the id and the flag changed"
+            );
+        }
+        // A device keeps the session it asked for.
+        let mut connect = C::new(4, "dev-1");
+        connect.clean = false;
+        let device = Identity::Device("dev-1".to_owned());
+        let admitted = admit_connect(&device, &connect.encode()).unwrap();
+        assert!(!parse_connect(&admitted).unwrap().clean_start);
     }
 
     #[test]
