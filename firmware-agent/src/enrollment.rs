@@ -38,6 +38,9 @@ pub struct Config<'a> {
     pub token: &'a [u8],
     /// When to retransmit and when to give up.
     pub retry: RetryPolicy,
+    /// The root CA certificates (DER) the device trusts, one or two (during a
+    /// root rollover). A certificate is accepted only if its chain leads to one.
+    pub pinned_roots: &'a [&'a [u8]],
 }
 
 impl fmt::Debug for Config<'_> {
@@ -47,6 +50,7 @@ impl fmt::Debug for Config<'_> {
             .field("device_id", &self.device_id)
             .field("token", &"<redacted>")
             .field("retry", &self.retry)
+            .field("pinned_roots", &self.pinned_roots.len())
             .finish()
     }
 }
@@ -67,6 +71,7 @@ impl<K: KeyStore> Exchange<K, Enroll> {
         Exchange::begin(
             config.device_id,
             config.retry,
+            config.pinned_roots,
             key_store,
             rid,
             now_ms,

@@ -6,6 +6,8 @@
 use core::fmt;
 
 use idgate_hal::ErrorKind;
+
+use crate::chain::ChainError;
 use idgate_pki::der::DerError;
 use idgate_pki::protocol::{DecodeError, IdError};
 
@@ -42,6 +44,8 @@ pub enum PeerError {
     BadCertificate(DerError),
     /// The certificate is for a public key other than the one we asked for.
     WrongKey,
+    /// The certificate does not lead through the chain to a pinned root.
+    Chain(ChainError),
     /// The certificate is larger than [`MAX_CERTIFICATE`](crate::MAX_CERTIFICATE).
     CertificateTooLarge,
     /// The chain is larger than [`MAX_CHAIN_BYTES`](crate::MAX_CHAIN_BYTES).
@@ -69,6 +73,9 @@ pub enum UsageError {
     BadSerial(IdError),
     /// The retry policy is unusable (no attempts, or a zero initial timeout).
     BadRetryPolicy,
+    /// No pinned root, more than [`MAX_PINNED_ROOTS`](crate::MAX_PINNED_ROOTS),
+    /// or one that is not a P-256 certificate.
+    BadPinnedRoots,
 }
 
 /// Which key store operation failed.
@@ -131,6 +138,7 @@ impl fmt::Display for PeerError {
             PeerError::OtherRid => f.write_str("reply to another request id"),
             PeerError::BadCertificate(e) => write!(f, "unreadable certificate: {e}"),
             PeerError::WrongKey => f.write_str("certificate is not for our key"),
+            PeerError::Chain(e) => write!(f, "certificate chain not trusted: {e}"),
             PeerError::CertificateTooLarge => f.write_str("certificate too large"),
             PeerError::ChainTooLarge => f.write_str("certificate chain too large"),
             PeerError::BadSerial => f.write_str("invalid serial number"),
@@ -148,6 +156,9 @@ impl fmt::Display for UsageError {
             UsageError::EmptyToken => f.write_str("enrollment token is empty"),
             UsageError::BadSerial(_) => {
                 f.write_str("serial must be 1 to 20 octets of lowercase hex")
+            }
+            UsageError::BadPinnedRoots => {
+                f.write_str("pinned roots must be one or two P-256 CA certificates (DER)")
             }
             UsageError::BadRetryPolicy => {
                 f.write_str("retry policy needs at least one attempt and a non-zero timeout")

@@ -27,6 +27,7 @@ use idgate_pki::protocol::{
     Rejected, Reply, SIG_LEN, Topic, check_device_id,
 };
 
+use crate::chain::{self, Anchor, Anchors};
 use crate::error::{Error, HardwareError, KeyOperation, PeerError, UsageError};
 use crate::retry::{Jitter, RetryPolicy};
 use crate::rid::Rid;
@@ -290,6 +291,8 @@ pub struct Exchange<K, R> {
     reply_topics: [TopicName; 2],
     retry: RetryPolicy,
     jitter: Jitter,
+    /// The pinned roots a certificate's chain must lead to.
+    anchors: Anchors,
     /// Transmissions handed out or pending, the first included.
     attempts: u32,
     state: State,
@@ -306,6 +309,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     pub(crate) fn begin(
         device_id: &str,
         retry: RetryPolicy,
+        pinned_roots: &[&[u8]],
         mut key_store: K,
         rid: Rid,
         now_ms: u64,
@@ -313,6 +317,16 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     ) -> Result<Exchange<K, R>, Error> {
         check_device_id(device_id).map_err(UsageError::BadDeviceId)?;
         retry.check()?;
+        if pinned_roots.is_empty() {
+            return Err(UsageError::BadPinnedRoots.into());
+        }
+        let mut anchors = Anchors::new();
+        for root in pinned_roots {
+            let anchor = Anchor::from_der(root).map_err(|_| UsageError::BadPinnedRoots)?;
+            anchors
+                .push(anchor)
+                .map_err(|_| UsageError::BadPinnedRoots)?;
+        }
         let too_long = |_| UsageError::BadDeviceId(IdError::TooLong);
         let request = Topic::request(device_id, R::OP, Format::Cbor);
         let request_topic = request.to_heapless().map_err(too_long)?;
@@ -363,6 +377,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             reply_topics,
             retry,
             jitter,
+            anchors,
             attempts: 1,
             state: State::ExpectCertificate(ExpectCertificate {
                 request,
@@ -575,6 +590,11 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             return Err(PeerError::WrongKey.into());
         }
         let done = Certificate::from_reply(&issued)?;
+        // The costly check last: two ECDSA verifications on a small MCU.
+        if let Err(e) = chain::verify(&done.certificate, done.chain.iter(), &self.anchors) {
+            warn!("{}: certificate chain not trusted", R::OP.as_str());
+            return Err(PeerError::Chain(e).into());
+        }
         // Only now is the new key worth keeping; before this the old one (if any)
         // stays current.
         self.key_store

@@ -10,20 +10,29 @@
 //! promotes the new key once a certificate for it has arrived.
 //!
 //! [`Enrollment`] and [`Renewal`] are the two kinds of one request/reply machine,
-//! [`Exchange`], and are driven the same way.
+//! [`Exchange`], and are driven the same way. A certificate is taken only if
+//! its chain verifies to a pinned root ([`ChainError`]).
+//!
+//! Around them: [`CredentialStore`], the power-safe A/B store of the
+//! credential, renewal counter and time floor in NOR flash; [`Scheduler`],
+//! which decides when to renew (inside the gateway's window, with jitter,
+//! backing off on failure) and [`TimeKeeper`], the device's sense of time.
 #![no_std]
 
 #[macro_use]
 mod fmt;
 
+mod chain;
 mod enrollment;
 mod error;
 mod exchange;
 mod renewal;
 mod retry;
 mod rid;
+mod schedule;
 mod store;
 
+pub use chain::{ChainError, MAX_PINNED_ROOTS};
 pub use enrollment::{Config, Enroll, Enrollment};
 pub use error::{Error, HardwareError, KeyOperation, PeerError, UsageError};
 pub use exchange::{
@@ -34,6 +43,7 @@ pub use exchange::{
 pub use renewal::{Renew, RenewConfig, Renewal};
 pub use retry::RetryPolicy;
 pub use rid::Rid;
+pub use schedule::{CertificateTimes, ScheduleEvent, SchedulePolicy, Scheduler, TimeKeeper};
 pub use store::{
     Choice, Commit, Credential, CredentialStore, MAX_KEY_BLOB, MAX_RECORD, Status, StoreError,
 };

@@ -51,6 +51,9 @@ pub struct RenewConfig<'a> {
     pub counter: u64,
     /// When to retransmit and when to give up.
     pub retry: RetryPolicy,
+    /// The root CA certificates (DER) the device trusts, one or two (during a
+    /// root rollover). A certificate is accepted only if its chain leads to one.
+    pub pinned_roots: &'a [&'a [u8]],
 }
 
 impl<K: KeyStore> Exchange<K, Renew> {
@@ -73,6 +76,7 @@ impl<K: KeyStore> Exchange<K, Renew> {
         Exchange::begin(
             config.device_id,
             config.retry,
+            config.pinned_roots,
             key_store,
             rid,
             now_ms,

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use idgate_agent::{
-    Certified, Config, Enrollment, Error, Event, HardwareError, KeyOperation, PeerError,
-    RetryPolicy, Rid, UsageError,
+    Certified, ChainError, Config, Enrollment, Error, Event, HardwareError, KeyOperation,
+    PeerError, RetryPolicy, Rid, UsageError,
 };
 use idgate_hal::{ErrorKind, KeySlot, KeyStore};
 use idgate_pki::csr::p256_spki;
@@ -18,8 +18,8 @@ mod common;
 
 use common::{
     ACCEPTED_ENROLL as ACCEPTED, DEVICE, REJECTED_ENROLL as REJECTED, TOKEN, VALID,
-    answered_enrollment, expire, fast_retry, gateway, promotion_failure_is_recovered, transmit,
-    truncations,
+    answered_enrollment, expire, fast_retry, gateway, promotion_failure_is_recovered, roots,
+    transmit, truncations,
 };
 use idgate_sim::FakeGateway;
 use idgate_sim::fake_gateway::Answer;
@@ -37,6 +37,7 @@ fn start_with<'a>(
         device_id: DEVICE,
         token,
         retry: fast_retry(),
+        pinned_roots: roots(),
     };
     let rid = Rid::random(&mut rand::rngs::OsRng);
     Enrollment::start(&config, store, rid, now).unwrap()
@@ -227,6 +228,78 @@ fn certificate_for_another_key_is_refused() {
     let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
     agent.handle_message(2, &reply_topic, &reply).unwrap();
     assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn certificate_from_an_unpinned_ca_is_refused() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = gateway();
+    let mut impostor = FakeGateway::with_own_ca(std::str::from_utf8(TOKEN).unwrap());
+    let mut agent = start(&mut store, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let chain_error = |result| match result {
+        Err(Error::Peer(PeerError::Chain(e))) => e,
+        other => panic!("expected a chain error, got {other:?}"),
+    };
+
+    // An impostor on the broker answers first, for our very key, from its own CA.
+    let (reply_topic, forged) = impostor.handle(&topic, &payload).unwrap();
+    assert_eq!(
+        chain_error(agent.handle_message(1, &reply_topic, &forged)),
+        ChainError::BadSignature
+    );
+    // Its certificate with the pinned root as the chain.
+    let (certificate, serial) = impostor.forge(DEVICE, agent.public_key(), VALID);
+    let forged = gateway.issued_reply(agent.rid().as_str(), &certificate, &serial);
+    assert_eq!(
+        chain_error(agent.handle_message(1, ACCEPTED, &forged)),
+        ChainError::BadSignature
+    );
+    // A genuine certificate with the impostor's CA as its chain.
+    let (certificate, serial) = gateway.forge(DEVICE, agent.public_key(), VALID);
+    let forged = gateway.issued_reply_with_chain(
+        agent.rid().as_str(),
+        &certificate,
+        &serial,
+        &[impostor.ca_der()],
+    );
+    assert_eq!(
+        chain_error(agent.handle_message(1, ACCEPTED, &forged)),
+        ChainError::BadSignature
+    );
+    // With no chain at all the pinned root still signs it: accepted below.
+    // A chain of garbage.
+    let forged = gateway.issued_reply_with_chain(
+        agent.rid().as_str(),
+        &certificate,
+        &serial,
+        &[&[0x30, 0x00]],
+    );
+    assert!(matches!(
+        chain_error(agent.handle_message(1, ACCEPTED, &forged)),
+        ChainError::Malformed(_)
+    ));
+    // Nothing was promoted; the agent keeps waiting.
+    assert!(agent.key_store().public_key(KeySlot::Current).is_err());
+    assert!(!agent.is_finished());
+    assert_eq!(agent.ignored_messages(), 4);
+    assert_eq!(agent.poll_event(), None);
+
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(2, &reply_topic, &reply).unwrap();
+    assert_enrolled(&mut agent, &gateway);
+}
+
+#[test]
+fn a_certificate_signed_by_the_root_needs_no_chain() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = gateway();
+    let mut agent = start(&mut store, 0);
+    let public_key = agent.public_key().to_vec();
+    let (certificate, serial) = gateway.forge(DEVICE, &public_key, VALID);
+    let reply = gateway.issued_reply_with_chain(agent.rid().as_str(), &certificate, &serial, &[]);
+    agent.handle_message(1, ACCEPTED, &reply).unwrap();
+    assert!(matches!(agent.poll_event(), Some(Event::Enrolled(_))));
 }
 
 #[test]
@@ -443,6 +516,7 @@ fn key_store_faults_are_reported() {
         device_id: DEVICE,
         token: TOKEN,
         retry: fast_retry(),
+        pinned_roots: roots(),
     };
     let rid = || Rid::new("r-1").unwrap();
     for (operation, expected) in [
@@ -469,6 +543,7 @@ fn misuse_is_refused() {
         device_id: DEVICE,
         token: TOKEN,
         retry: RetryPolicy::default(),
+        pinned_roots: roots(),
     };
     for (config, expected) in [
         (
@@ -479,6 +554,27 @@ fn misuse_is_refused() {
             "BadDeviceId",
         ),
         (Config { token: b"", ..good }, "EmptyToken"),
+        (
+            Config {
+                pinned_roots: &[],
+                ..good
+            },
+            "BadPinnedRoots",
+        ),
+        (
+            Config {
+                pinned_roots: &[&[0x30, 0x00]],
+                ..good
+            },
+            "BadPinnedRoots",
+        ),
+        (
+            Config {
+                pinned_roots: &[roots()[0], roots()[0], roots()[0]],
+                ..good
+            },
+            "BadPinnedRoots",
+        ),
         (
             Config {
                 retry: RetryPolicy {

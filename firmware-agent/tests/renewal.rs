@@ -9,7 +9,7 @@ mod common;
 
 use common::{
     ACCEPTED_ENROLL, ACCEPTED_RENEW as ACCEPTED, DEVICE, REJECTED_RENEW as REJECTED, VALID,
-    enrolled_device, expire, fast_retry, gateway, promotion_failure_is_recovered, transmit,
+    enrolled_device, expire, fast_retry, gateway, promotion_failure_is_recovered, roots, transmit,
     truncations,
 };
 use idgate_agent::{
@@ -54,6 +54,7 @@ fn start<'a>(
         serial,
         counter,
         retry: fast_retry(),
+        pinned_roots: roots(),
     };
     let rid = Rid::random(&mut rand::rngs::OsRng);
     Renewal::start(&config, store, rid, now).unwrap()
@@ -386,6 +387,7 @@ fn start_failures_leave_the_key_store_alone() {
         serial: "01ab",
         counter: 1,
         retry: fast_retry(),
+        pinned_roots: roots(),
     };
     // Nothing to renew without a current key; no key generated for nothing.
     let mut empty = SoftKeyStore::new();
@@ -435,6 +437,7 @@ fn longest_fields_fit_the_request_buffer() {
         serial: &"7f".repeat(20),
         counter: u64::MAX,
         retry: fast_retry(),
+        pinned_roots: roots(),
     };
     let rid = Rid::new(&"r".repeat(64)).unwrap();
     let mut agent = Renewal::start(&config, &mut device.store, rid, 0).unwrap();

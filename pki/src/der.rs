@@ -259,6 +259,34 @@ pub fn certificate_spki(certificate: &[u8]) -> Result<&[u8], DerError> {
     Ok(tbs.expect(tag::SEQUENCE)?.encoded)
 }
 
+/// What [`certificate_parts`] returns: (TBSCertificate, signatureAlgorithm,
+/// signature value).
+pub type CertificateParts<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+/// The three parts of an X.509 certificate a signature check needs: the whole
+/// TBSCertificate encoding (the signed bytes), the whole signatureAlgorithm
+/// AlgorithmIdentifier encoding, and the signatureValue BIT STRING's content
+/// without its unused-bits octet (which must be 0).
+pub fn certificate_parts(certificate: &[u8]) -> Result<CertificateParts<'_>, DerError> {
+    let mut outer = Reader::new(certificate);
+    let certificate_seq = outer.expect(tag::SEQUENCE)?;
+    if !outer.is_empty() {
+        return Err(DerError::Invalid);
+    }
+    let mut fields = Reader::new(certificate_seq.content);
+    let tbs = fields.expect(tag::SEQUENCE)?;
+    let algorithm = fields.expect(tag::SEQUENCE)?;
+    let signature = fields.expect(tag::BIT_STRING)?;
+    if !fields.is_empty() {
+        return Err(DerError::Invalid);
+    }
+    match signature.content.split_first() {
+        Some((0, bits)) => Ok((tbs.encoded, algorithm.encoded, bits)),
+        Some(_) => Err(DerError::Invalid),
+        None => Err(DerError::Truncated),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +340,26 @@ mod tests {
             assert!(Reader::new(bad).any().is_err(), "{bad:?}");
         }
         assert!(certificate_spki(&[0x30, 0x00]).is_err());
+        assert!(certificate_parts(&[0x30, 0x00]).is_err());
+    }
+
+    #[test]
+    fn certificate_parts_split_the_outer_sequence() {
+        // SEQUENCE { SEQUENCE {01}, SEQUENCE {06 00}, BIT STRING {00 aa bb} }
+        let certificate = [
+            0x30, 0x0c, 0x30, 0x01, 0x01, 0x30, 0x02, 0x06, 0x00, 0x03, 0x03, 0x00, 0xaa, 0xbb,
+        ];
+        let (tbs, algorithm, signature) = certificate_parts(&certificate).unwrap();
+        assert_eq!(tbs, &[0x30, 0x01, 0x01]);
+        assert_eq!(algorithm, &[0x30, 0x02, 0x06, 0x00]);
+        assert_eq!(signature, &[0xaa, 0xbb]);
+        let mut unused_bits = certificate;
+        unused_bits[11] = 1;
+        assert_eq!(certificate_parts(&unused_bits), Err(DerError::Invalid));
+        let mut trailing = [0u8; 16];
+        trailing[..14].copy_from_slice(&certificate);
+        trailing[1] = 0x0e;
+        trailing[14] = 0x05;
+        assert_eq!(certificate_parts(&trailing), Err(DerError::Invalid));
     }
 }

@@ -21,6 +21,12 @@ pub const REJECTED_RENEW: &str = "idgate/v1/devices/sensor-0042/renew/cbor/rejec
 /// A validity for forged certificates (unix seconds): 2023 to 2100.
 pub const VALID: (i64, i64) = (1_700_000_000, 4_102_444_800);
 
+/// The root every device in these tests pins: the fake gateways' shared CA.
+pub fn roots() -> &'static [&'static [u8]] {
+    static ROOTS: std::sync::OnceLock<[&'static [u8]; 1]> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| [Box::leak(FakeGateway::shared_ca_der().into_boxed_slice())])
+}
+
 /// A fake gateway that knows `TOKEN`.
 pub fn gateway() -> FakeGateway {
     FakeGateway::new(std::str::from_utf8(TOKEN).unwrap())
@@ -89,6 +95,7 @@ pub fn answered_enrollment(
         device_id: DEVICE,
         token: TOKEN,
         retry: fast_retry(),
+        pinned_roots: roots(),
     };
     let rid = Rid::random(&mut rand::rngs::OsRng);
     let mut agent = Enrollment::start(&config, SoftKeyStore::new(), rid, 0).unwrap();

@@ -20,7 +20,8 @@ use crate::tls::client_config;
 pub struct EnrollOptions {
     /// `HOST:PORT` of the gateway's MQTT front (TLS).
     pub broker: String,
-    /// PEM with the CA certificate(s) to trust for the broker's TLS certificate.
+    /// PEM with the CA certificate(s) to trust for the broker's TLS certificate;
+    /// the first two are also the roots the device pins for its certificate chain.
     pub ca_pem: Vec<u8>,
     /// The device id registered at the gateway; also the MQTT client id.
     pub device_id: String,
@@ -135,10 +136,13 @@ impl Enrolled {
 pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, SimError> {
     let target = session::Target::new(&options.broker, &options.device_id, options.timeout)?;
     let tls = client_config(&options.ca_pem)?;
+    let roots = crate::tls::pinned_roots(&options.ca_pem)?;
+    let pinned_roots: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
     let config = Config {
         device_id: &options.device_id,
         token: options.token.as_bytes(),
         retry: options.retry,
+        pinned_roots: &pinned_roots,
     };
     session::run(&target, tls, |now_ms, rid| {
         Enrollment::start(&config, SoftKeyStore::new(), rid, now_ms)

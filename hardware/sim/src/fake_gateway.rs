@@ -10,6 +10,7 @@
 //! and the times in its replies are fixed ([`NOT_AFTER`] and friends).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::OnceLock;
 
 use idgate_pki::protocol::{
     EnrollRequest, Issued, MAX_RENEW_MESSAGE, Op, Rejected, RenewRequest, Reply, Topic,
@@ -53,6 +54,18 @@ impl PublicKeyData for RawKey {
     }
 }
 
+/// The test CA's certificate parameters (the same every time, so an issuer
+/// can be rebuilt around a stored key).
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new())
+        .expect("no subject alternative names to check");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "fake gateway CA");
+    params
+}
+
 /// The fake gateway. See the module documentation.
 pub struct FakeGateway {
     token: Vec<u8>,
@@ -70,6 +83,18 @@ pub struct FakeGateway {
     pub issued: usize,
     /// How many requests arrived, repeated ones included.
     pub requests: usize,
+    /// The gateway's clock, unix seconds. `None`: the fixed times
+    /// ([`NOT_BEFORE`], [`NOT_AFTER`], [`GATEWAY_TIME`]) in every reply. Set,
+    /// replies carry it, `not_before` 5 minutes earlier, `not_after`
+    /// [`lifetime`](Self::lifetime) later and a renewal window at 50–70 %.
+    pub clock: Option<u64>,
+    /// Certificate lifetime in seconds when [`clock`](Self::clock) is set.
+    pub lifetime: u64,
+    /// With a clock: how long after `not_after` a certificate may still
+    /// renew (`None`: forever); later renewals get `expired`.
+    pub grace: Option<u64>,
+    /// `not_after` of each certificate issued with a clock, by serial.
+    expiries: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for FakeGateway {
@@ -82,22 +107,39 @@ impl std::fmt::Debug for FakeGateway {
 }
 
 impl FakeGateway {
-    /// A gateway with a fresh CA that accepts `token` as every device's
-    /// enrollment token. Serials count up from `010203`.
+    /// A gateway that accepts `token` as every device's enrollment token,
+    /// signing with the process-wide test CA ([`shared_ca_der`](Self::shared_ca_der)),
+    /// so a device can pin that root before the gateway exists. Serials count
+    /// up from `010203`.
     pub fn new(token: &str) -> FakeGateway {
-        let mut params = CertificateParams::new(Vec::<String>::new())
-            .expect("no subject alternative names to check");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "fake gateway CA");
+        static SHARED: OnceLock<(Vec<u8>, Vec<u8>, String)> = OnceLock::new();
+        let (key_der, ca_der, ca_pem) = SHARED.get_or_init(|| {
+            let key = KeyPair::generate().expect("P-256 key generation");
+            let ca = ca_params().self_signed(&key).expect("self-signing the CA");
+            (key.serialize_der(), ca.der().to_vec(), ca.pem())
+        });
+        let key = KeyPair::try_from(key_der.as_slice()).expect("the shared CA key");
+        FakeGateway::with_ca(token, key, ca_der.clone(), ca_pem.clone())
+    }
+
+    /// A gateway with a CA of its own, which no device pins: an impostor.
+    pub fn with_own_ca(token: &str) -> FakeGateway {
         let key = KeyPair::generate().expect("P-256 key generation");
-        let ca = params.self_signed(&key).expect("self-signing the CA");
+        let ca = ca_params().self_signed(&key).expect("self-signing the CA");
+        FakeGateway::with_ca(token, key, ca.der().to_vec(), ca.pem())
+    }
+
+    /// The root every [`FakeGateway::new`] in this process signs with, DER.
+    pub fn shared_ca_der() -> Vec<u8> {
+        FakeGateway::new("").ca_der
+    }
+
+    fn with_ca(token: &str, key: KeyPair, ca_der: Vec<u8>, ca_pem: String) -> FakeGateway {
         FakeGateway {
             token: token.as_bytes().to_vec(),
-            ca_der: ca.der().to_vec(),
-            ca_pem: ca.pem(),
-            issuer: Issuer::new(params, key),
+            ca_der,
+            ca_pem,
+            issuer: Issuer::new(ca_params(), key),
             answers: VecDeque::new(),
             replies: HashMap::new(),
             certificates: HashMap::new(),
@@ -105,6 +147,35 @@ impl FakeGateway {
             next_serial: 0x01_0203,
             issued: 0,
             requests: 0,
+            clock: None,
+            lifetime: 86_400,
+            grace: None,
+            expiries: HashMap::new(),
+        }
+    }
+
+    /// (not_before, not_after, time, renew_after, renew_before) of a reply.
+    fn reply_times(&self) -> (u64, u64, u64, u64, u64) {
+        match self.clock {
+            None => (
+                NOT_BEFORE,
+                NOT_AFTER,
+                GATEWAY_TIME,
+                NOT_BEFORE + 43_200,
+                NOT_BEFORE + 69_120,
+            ),
+            Some(now) => {
+                let not_before = now.saturating_sub(300);
+                let not_after = now + self.lifetime;
+                let span = not_after - not_before;
+                (
+                    not_before,
+                    not_after,
+                    now,
+                    not_before + span / 2,
+                    not_before + span * 7 / 10,
+                )
+            }
         }
     }
 
@@ -180,17 +251,47 @@ impl FakeGateway {
     pub fn issued_reply(&self, rid: &str, certificate: &[u8], serial: &str) -> Vec<u8> {
         let mut chain = heapless::Vec::new();
         let _ = chain.push(&self.ca_der[..]);
+        let (not_before, not_after, time, renew_after, renew_before) = self.reply_times();
         encode(|out| {
             Issued {
                 rid,
                 certificate,
                 chain,
                 serial,
-                not_before: NOT_BEFORE,
-                not_after: NOT_AFTER,
-                time: GATEWAY_TIME,
-                renew_after: NOT_BEFORE + 43_200,
-                renew_before: NOT_BEFORE + 69_120,
+                not_before,
+                not_after,
+                time,
+                renew_after,
+                renew_before,
+            }
+            .encode_cbor(out)
+        })
+    }
+
+    /// Like [`issued_reply`](Self::issued_reply) with another chain.
+    pub fn issued_reply_with_chain(
+        &self,
+        rid: &str,
+        certificate: &[u8],
+        serial: &str,
+        chain: &[&[u8]],
+    ) -> Vec<u8> {
+        let mut list = heapless::Vec::new();
+        for certificate in chain {
+            let _ = list.push(*certificate);
+        }
+        let (not_before, not_after, time, renew_after, renew_before) = self.reply_times();
+        encode(|out| {
+            Issued {
+                rid,
+                certificate,
+                chain: list,
+                serial,
+                not_before,
+                not_after,
+                time,
+                renew_after,
+                renew_before,
             }
             .encode_cbor(out)
         })
@@ -242,9 +343,20 @@ impl FakeGateway {
                 (Reply::Rejected, Self::rejected_reply(rid, code))
             }
             (Answer::Issue, Ok(public_key)) => {
-                let (certificate, serial) = self.issue(device_id, &public_key, (0, 4_102_444_800));
+                let validity = match self.clock {
+                    Some(_) => {
+                        let (not_before, not_after, ..) = self.reply_times();
+                        (not_before as i64, not_after as i64)
+                    }
+                    None => (0, 4_102_444_800),
+                };
+                let (certificate, serial) = self.issue(device_id, &public_key, validity);
                 if let Ok(request) = RenewRequest::decode_cbor(payload) {
                     self.counters.insert(device_id.to_owned(), request.counter);
+                }
+                if self.clock.is_some() {
+                    let (_, not_after, ..) = self.reply_times();
+                    self.expiries.insert(serial.clone(), not_after);
                 }
                 (
                     Reply::Accepted,
@@ -273,6 +385,12 @@ impl FakeGateway {
             .ok_or("unknown_certificate")?;
         if owner != device_id {
             return Err("unknown_certificate");
+        }
+        if let (Some(now), Some(grace), Some(&not_after)) =
+            (self.clock, self.grace, self.expiries.get(request.serial))
+            && now > not_after.saturating_add(grace)
+        {
+            return Err("expired");
         }
         let (_, certificate) = x509_parser::certificate::X509Certificate::from_der(certificate)
             .map_err(|_| "internal")?;

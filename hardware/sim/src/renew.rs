@@ -23,7 +23,8 @@ use crate::tls::{certificates, client_config, client_config_with_certificate};
 pub struct RenewOptions {
     /// `HOST:PORT` of the gateway's MQTT front (TLS).
     pub broker: String,
-    /// PEM with the CA certificate(s) to trust for the broker's TLS certificate.
+    /// PEM with the CA certificate(s) to trust for the broker's TLS certificate;
+    /// the first two are also the roots the device pins for its certificate chain.
     pub ca_pem: Vec<u8>,
     /// The device id; also the MQTT client id.
     pub device_id: String,
@@ -139,11 +140,14 @@ pub async fn renew(options: &RenewOptions) -> Result<Renewed, SimError> {
         );
         client_config(&options.ca_pem)?
     };
+    let roots = crate::tls::pinned_roots(&options.ca_pem)?;
+    let pinned_roots: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
     let config = RenewConfig {
         device_id: &options.device_id,
         serial: &current.serial,
         counter: options.counter,
         retry: options.retry,
+        pinned_roots: &pinned_roots,
     };
     let certified = session::run(&target, tls, |now_ms, rid| {
         Renewal::start(&config, key_store, rid, now_ms)

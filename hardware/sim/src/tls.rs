@@ -77,6 +77,18 @@ pub(crate) fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, S
     Ok(certificates)
 }
 
+/// The roots the device pins for its certificate chain: the first
+/// [`MAX_PINNED_ROOTS`](idgate_agent::MAX_PINNED_ROOTS) certificates of the CA
+/// PEM, which the simulated device trusts for TLS as well.
+pub(crate) fn pinned_roots(ca_pem: &[u8]) -> Result<Vec<Vec<u8>>, SimError> {
+    Ok(certificates(ca_pem)
+        .map_err(SimError::Ca)?
+        .into_iter()
+        .take(idgate_agent::MAX_PINNED_ROOTS)
+        .map(|certificate| certificate.to_vec())
+        .collect())
+}
+
 /// A configuration builder that trusts the CAs in `ca_pem`. The crypto provider
 /// is chosen here rather than taken from a process default, so the simulator
 /// behaves the same whatever else is linked in.
