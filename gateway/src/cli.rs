@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use idgate_gateway::admin::{self, RevokeReason};
+use idgate_gateway::batch;
 use idgate_gateway::datadir::{DataDir, read_text};
 use idgate_gateway::gateway::{Gateway, Settings};
-use idgate_gateway::registry::{DeviceFilter, DeviceStatus, NewDevice, Registry, now};
+use idgate_gateway::registry::{
+    BatchError, BatchSummary, DeviceFilter, DeviceStatus, NewBatch, NewDevice, Registry, now,
+};
 use idgate_pki::ca::{pem_certificates, summarize};
 use idgate_pki::profile::Profile;
 use idgate_pki::protocol::check_device_id;
@@ -55,6 +58,80 @@ enum Command {
     /// Register and inspect devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Register manufacturing batches from CSV files and follow their progress.
+    #[command(subcommand)]
+    Batch(BatchCommand),
+    /// Measure enrollment or renewal throughput against an in-process gateway.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BatchCommand {
+    /// Register every device of a CSV file (header `id[,owner,site,model]`) in
+    /// one transaction, and write their one-time tokens to a 0600 file for the
+    /// line's programming station. A bad row refuses the whole file.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Owner's email, for rows without an owner cell.
+        #[arg(long)]
+        owner: String,
+        /// Site, for rows without a site cell.
+        #[arg(long)]
+        site: String,
+        /// Model, for rows without a model cell.
+        #[arg(long)]
+        model: Option<String>,
+        /// Batch id (default: b-YYYYMMDD-HHMMSS-xxxx).
+        #[arg(long = "batch")]
+        batch_id: Option<String>,
+        /// Where to write the `id,token` lines (default: FILE's stem + .tokens.csv
+        /// beside it). Never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List batches with their registered, enrolled, failed and pending counts.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one batch: counts and the devices still pending.
+    Show {
+        /// Batch id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Enroll N simulated devices over MQTT/TLS and report the figures.
+    Enroll(BenchArgs),
+    /// Enroll N devices (untimed), then time one renewal of each.
+    Renew(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 2000)]
+    devices: usize,
+    /// MQTT connections the devices' requests are spread over.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Requests each connection keeps in flight.
+    #[arg(long, default_value_t = 4)]
+    pipeline: usize,
+    /// Offered load in requests per second (default: as fast as it goes).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Keep the benchmark's data directory here instead of a temporary one.
+    #[arg(long)]
+    keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -146,7 +223,16 @@ enum DeviceCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    // Per-request log lines would cost the benchmark more than it measures.
+    let quiet = matches!(cli.command, Command::Bench(_));
+    init_logging(
+        cli.log_json,
+        if quiet {
+            "warn,rumqttd=off"
+        } else {
+            "info,rumqttd=off"
+        },
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -163,9 +249,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(json: bool) {
+fn init_logging(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -194,6 +280,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Ca(CaCommand::Show) => print_ca(&data),
         Command::Device(command) => device(data, database, command).await,
+        Command::Batch(command) => batch(data, database, command).await,
+        Command::Bench(command) => bench(command).await,
     }
 }
 
@@ -320,25 +408,11 @@ fn print_ca(data: &DataDir) -> Result<()> {
 }
 
 fn check_owner(owner: &str) -> Result<()> {
-    let mut parts = owner.split('@');
-    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
-        bail!("owner must be an email address (one '@'), got {owner:?}");
-    };
-    if local.is_empty()
-        || domain.is_empty()
-        || owner.len() > 254
-        || owner.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        bail!("owner must be an email address, got {owner:?}");
-    }
-    Ok(())
+    batch::check_owner(owner).map_err(anyhow::Error::msg)
 }
 
 fn check_label(what: &str, value: &str) -> Result<()> {
-    if value.trim().is_empty() || value.len() > 128 || value.chars().any(char::is_control) {
-        bail!("{what} must be 1–128 printable characters, got {value:?}");
-    }
-    Ok(())
+    batch::check_label(what, value).map_err(anyhow::Error::msg)
 }
 
 async fn device(data: DataDir, database: Option<String>, command: DeviceCommand) -> Result<()> {
@@ -515,6 +589,267 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             Ok(())
         }
     }
+}
+
+async fn batch(data: DataDir, database: Option<String>, command: BatchCommand) -> Result<()> {
+    match command {
+        BatchCommand::Import {
+            file,
+            owner,
+            site,
+            model,
+            batch_id,
+            out,
+        } => {
+            check_owner(&owner)?;
+            check_label("site", &site)?;
+            if let Some(model) = &model {
+                check_label("model", model)?;
+            }
+            let batch_id = match batch_id {
+                Some(id) => {
+                    batch::check_batch_id(&id).map_err(anyhow::Error::msg)?;
+                    id
+                }
+                None => batch::new_batch_id(now()),
+            };
+            if !data.has_ca() {
+                bail!(
+                    "no CA in {} (run `idgate ca init --data {}` or `idgate serve` first)",
+                    data.root().display(),
+                    data.root().display()
+                );
+            }
+            let rows = read_batch_file(&file, &owner, &site, model.clone())?;
+            let out = match out {
+                Some(out) => out,
+                None => default_tokens_path(&file)?,
+            };
+            let tokens = data.tokens()?;
+            let registry = open_registry(&data, database).await?;
+            let created_by = actor();
+            let mut sealed = Vec::with_capacity(rows.len());
+            let mut lines = String::from("id,token\n");
+            for row in &rows {
+                let new = tokens.generate(&row.id);
+                lines.push_str(&format!("{},{}\n", row.id, new.token));
+                sealed.push((
+                    NewDevice {
+                        id: row.id.clone(),
+                        owner: row.owner.clone(),
+                        site: row.site.clone(),
+                        model: row.model.clone(),
+                        created_by: created_by.clone(),
+                    },
+                    new.sealed,
+                ));
+            }
+            // The tokens reach the file before the devices are committed: if
+            // the file cannot be written nothing is registered, and if the
+            // import is refused the file is removed. The other order could
+            // leave registered devices whose tokens nobody has.
+            write_private(&out, lines.as_bytes())?;
+            drop(lines);
+            let bar = progress_bar(rows.len());
+            let new_batch = NewBatch {
+                id: batch_id.clone(),
+                owner,
+                site,
+                model,
+                created_by,
+            };
+            let report = |n: usize| bar.set_position(n as u64);
+            let imported = registry
+                .import_batch(&new_batch, &sealed, now(), &report)
+                .await;
+            bar.finish_and_clear();
+            registry.close().await;
+            if let Err(e) = imported {
+                let _ = std::fs::remove_file(&out);
+                return Err(match e {
+                    BatchError::DeviceExists { index, id } => anyhow::anyhow!(
+                        "{}: line {}: device id {id:?} is already registered; nothing was imported",
+                        file.display(),
+                        rows.get(index).map_or(0, |r| r.line)
+                    ),
+                    e => anyhow::Error::new(e).context("nothing was imported"),
+                });
+            }
+            say!(
+                "Imported batch {batch_id}: {} device(s) registered, status pending.",
+                rows.len()
+            );
+            say!(
+                "One-time tokens written to {} (mode 0600; give it to the programming station, then delete it).",
+                out.display()
+            );
+            Ok(())
+        }
+        BatchCommand::List { json } => {
+            let registry = open_registry(&data, database).await?;
+            let batches = registry.batches().await?;
+            registry.close().await;
+            if json {
+                say!("{}", serde_json::to_string_pretty(&batches)?);
+                return Ok(());
+            }
+            say!(
+                "{:<28} {:<20} {:>10} {:>8} {:>6} {:>7}  SITE",
+                "BATCH",
+                "CREATED",
+                "REGISTERED",
+                "ENROLLED",
+                "FAILED",
+                "PENDING"
+            );
+            for b in &batches {
+                say!(
+                    "{:<28} {:<20} {:>10} {:>8} {:>6} {:>7}  {}",
+                    b.id,
+                    format_time(b.created_at),
+                    b.registered,
+                    b.enrolled,
+                    b.failed,
+                    b.pending,
+                    b.site
+                );
+            }
+            say!("{} batch(es)", batches.len());
+            Ok(())
+        }
+        BatchCommand::Show { id, json } => {
+            let registry = open_registry(&data, database).await?;
+            let Some(summary) = registry.batch(&id).await? else {
+                bail!("no batch {id:?} (see `idgate batch list`)");
+            };
+            let pending = registry.batch_pending(&id).await?;
+            registry.close().await;
+            if json {
+                say!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "batch": summary,
+                        "pending_devices": pending,
+                    }))?
+                );
+                return Ok(());
+            }
+            print_batch(&summary, &pending);
+            Ok(())
+        }
+    }
+}
+
+fn print_batch(b: &BatchSummary, pending: &[String]) {
+    say!("Batch {}", b.id);
+    say!("  owner       {}", b.owner);
+    say!("  site        {}", b.site);
+    say!("  model       {}", b.model.as_deref().unwrap_or("-"));
+    say!(
+        "  imported    {} by {}",
+        format_time(b.created_at),
+        b.created_by
+    );
+    say!("  registered  {}", b.registered);
+    say!("  enrolled    {}", b.enrolled);
+    say!(
+        "  failed      {} (refused at least once, not enrolled yet)",
+        b.failed
+    );
+    say!("  pending     {}", b.pending);
+    if !pending.is_empty() {
+        say!("Not enrolled yet ({})", pending.len());
+        for id in pending {
+            say!("  {id}");
+        }
+    }
+}
+
+fn read_batch_file(
+    file: &std::path::Path,
+    owner: &str,
+    site: &str,
+    model: Option<String>,
+) -> Result<Vec<batch::BatchRow>> {
+    use std::io::Read as _;
+    let opened =
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    // Read one byte past the limit rather than trusting the file's size.
+    let mut bytes = Vec::new();
+    opened
+        .take(batch::MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let defaults = batch::Defaults {
+        owner: owner.to_owned(),
+        site: site.to_owned(),
+        model,
+    };
+    let rows = batch::parse(&bytes, &defaults)
+        .map_err(|e| anyhow::anyhow!("{}: {e}; nothing was imported", file.display()))?;
+    Ok(rows)
+}
+
+fn default_tokens_path(file: &std::path::Path) -> Result<PathBuf> {
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{} has no usable file name; pass --out", file.display()))?;
+    Ok(file.with_file_name(format!("{stem}.tokens.csv")))
+}
+
+/// Creates `path` readable by its owner only, refusing to overwrite.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "creating the token file {} (it must not exist yet; pass --out to choose another)",
+                path.display()
+            )
+        })?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal; nothing otherwise (logs
+/// and CI output stay clean).
+fn progress_bar(len: usize) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) || len < 1000 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "registering {bar:40} {pos}/{len} devices ({eta} left)",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn bench(command: BenchCommand) -> Result<()> {
+    let (op, args) = match command {
+        BenchCommand::Enroll(args) => (idgate_gateway::bench::Op::Enroll, args),
+        BenchCommand::Renew(args) => (idgate_gateway::bench::Op::Renew, args),
+    };
+    let options = idgate_gateway::bench::Options {
+        op,
+        devices: args.devices,
+        concurrency: args.concurrency,
+        pipeline: args.pipeline,
+        rate: args.rate,
+        keep: args.keep,
+    };
+    let report = idgate_gateway::bench::run(&options, &|line| eprintln!("{line}")).await?;
+    say!("{report}");
+    Ok(())
 }
 
 fn list(serials: &[String]) -> String {

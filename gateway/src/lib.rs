@@ -10,6 +10,8 @@
 
 pub mod admin;
 pub mod authority;
+pub mod batch;
+pub mod bench;
 pub mod broker;
 pub mod datadir;
 pub mod gateway;

@@ -12,6 +12,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use tokio::sync::Mutex;
 
+mod batches;
+pub use batches::{BatchError, BatchSummary, NewBatch};
+
 /// A `SELECT` of every column [`certificate_from_row`] reads, then `$tail`.
 macro_rules! select_certificates {
     ($tail:literal) => {
@@ -24,8 +27,10 @@ macro_rules! select_certificates {
 }
 
 /// The schema, in order. A migration never changes once released.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (2, "batches", include_str!("migrations/0002_batches.sql")),
+];
 
 /// A registry failure: our fault or the database's, never the device's.
 #[derive(Debug, thiserror::Error)]
@@ -955,6 +960,14 @@ impl Registry {
                 })
             })
             .collect()
+    }
+
+    /// Number of certificates issued to all devices (for reports).
+    pub async fn certificate_total(&self) -> Result<i64, RegistryError> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM certificates")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
     }
 
     /// Number of certificates issued to a device (for tests and reports).

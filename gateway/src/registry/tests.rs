@@ -26,6 +26,8 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     add_list_and_show,
+    batch_import_is_all_or_nothing,
+    batch_counts_follow_enrollment,
     duplicate_devices_are_refused,
     enrollment_is_recorded_once,
     keys_bind_to_one_device,
@@ -521,4 +523,120 @@ async fn sqlite_is_durable_wal_with_foreign_keys() {
         assert_eq!(foreign_keys, 1);
         held.push(conn);
     }
+}
+
+fn batch(id: &str) -> NewBatch {
+    NewBatch {
+        id: id.into(),
+        owner: "line@x.io".into(),
+        site: "plant".into(),
+        model: Some("th-1".into()),
+        created_by: "cli:test".into(),
+    }
+}
+
+fn batch_devices(ids: &[&str]) -> Vec<(NewDevice, Vec<u8>)> {
+    ids.iter()
+        .map(|id| (new_device(id, "plant", "line@x.io"), id.as_bytes().to_vec()))
+        .collect()
+}
+
+async fn batch_import_is_all_or_nothing(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    registry
+        .add_device(&new_device("old", "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    let progress = std::sync::atomic::AtomicUsize::new(0);
+    let report = |n: usize| progress.store(n, std::sync::atomic::Ordering::Relaxed);
+    // The third device exists: nothing of the batch is written.
+    let refused = registry
+        .import_batch(
+            &batch("b1"),
+            &batch_devices(&["n1", "n2", "old"]),
+            20,
+            &report,
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(BatchError::DeviceExists { index: 2, id }) if id == "old"),
+        "{refused:?}"
+    );
+    assert!(registry.device("n1").await.unwrap().is_none());
+    assert!(registry.batch("b1").await.unwrap().is_none());
+    assert!(registry.batches().await.unwrap().is_empty());
+
+    registry
+        .import_batch(
+            &batch("b1"),
+            &batch_devices(&["n1", "n2", "n3"]),
+            20,
+            &report,
+        )
+        .await
+        .unwrap();
+    assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), 3);
+    let n2 = registry.device("n2").await.unwrap().unwrap();
+    assert_eq!(n2.status, DeviceStatus::Pending);
+    assert_eq!(
+        registry.credential("n2").await.unwrap().unwrap().secret,
+        b"n2"
+    );
+    let trail = registry.audit_trail("n2").await.unwrap();
+    assert_eq!(trail.len(), 1);
+    assert!(trail[0].detail.contains("batch=b1"), "{}", trail[0].detail);
+
+    let again = registry
+        .import_batch(&batch("b1"), &batch_devices(&["n9"]), 30, &report)
+        .await;
+    assert!(matches!(again, Err(BatchError::BatchExists(id)) if id == "b1"));
+    assert!(registry.device("n9").await.unwrap().is_none());
+}
+
+async fn batch_counts_follow_enrollment(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    registry
+        .import_batch(
+            &batch("b1"),
+            &batch_devices(&["e1", "f1", "p1", "p2"]),
+            20,
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    registry
+        .import_batch(&batch("b2"), &batch_devices(&["x1"]), 21, &|_| {})
+        .await
+        .unwrap();
+    registry
+        .record_enrollment(&issuance("e1", "0a01", 1, "r1"), &audit("e1"))
+        .await
+        .unwrap();
+    registry
+        .audit(&audit("f1").outcome("bad_proof"))
+        .await
+        .unwrap();
+    let b1 = registry.batch("b1").await.unwrap().unwrap();
+    assert_eq!(
+        (b1.registered, b1.enrolled, b1.failed, b1.pending),
+        (4, 1, 1, 2)
+    );
+    assert_eq!(b1.owner, "line@x.io");
+    assert_eq!(b1.created_at, 20);
+    assert_eq!(
+        registry.batch_pending("b1").await.unwrap(),
+        ["f1", "p1", "p2"]
+    );
+    let all = registry.batches().await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|b| (b.id.as_str(), b.registered))
+            .collect::<Vec<_>>(),
+        [("b1", 4), ("b2", 1)]
+    );
+    assert!(registry.batch("nope").await.unwrap().is_none());
 }

@@ -1,0 +1,753 @@
+//! `idgate bench`: enrollment and renewal throughput of a whole gateway —
+//! embedded broker, TLS front, service, authority and a durable SQLite
+//! registry — driven over real MQTT/TLS from this process, next to the
+//! crypto ceiling of the same machine measured in the same run.
+//!
+//! Everything the simulated devices need (keys, CSRs, proofs, renewal
+//! signatures, encoded payloads) is made before the timed phase, and the MQTT
+//! connections are up and subscribed before it too, so the timed phase spends
+//! the load generator's CPU only on MQTT framing and TLS records. The load
+//! generator still shares the machine with the gateway: the figures are a
+//! lower bound for a gateway with the machine to itself.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idgate_pki::protocol::{
+    EnrollRequest, Format, Issued, Op as ProtocolOp, RenewRequest, Reply, SIG_LEN, Topic,
+    enrollment_proof, renew_message,
+};
+use ring::rand::SystemRandom;
+use ring::signature::{
+    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _,
+    UnparsedPublicKey,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+
+use crate::datadir::DataDir;
+use crate::gateway::{Gateway, Settings, StartError};
+use crate::registry::{NewBatch, NewDevice, now};
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// First enrollments.
+    Enroll,
+    /// Renewals (after an untimed enrollment of every device).
+    Renew,
+}
+
+/// How to run the benchmark.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// What to time.
+    pub op: Op,
+    /// Simulated devices.
+    pub devices: usize,
+    /// MQTT/TLS connections the devices' requests are spread over.
+    pub concurrency: usize,
+    /// Requests each connection keeps in flight (closed loop).
+    pub pipeline: usize,
+    /// Offered load in requests per second (open loop); `None`: closed loop.
+    pub rate: Option<f64>,
+    /// Keep the data directory here instead of a temporary one.
+    pub keep: Option<PathBuf>,
+}
+
+/// The benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// The options make no sense.
+    #[error("{0}")]
+    Options(String),
+    /// The gateway did not start.
+    #[error("starting the gateway: {0}")]
+    Start(#[from] StartError),
+    /// Setting up the data directory, devices or connections failed.
+    #[error("setting up: {0}")]
+    Setup(String),
+    /// A connection failed or a reply did not come.
+    #[error("during the run: {0}")]
+    Run(String),
+}
+
+fn setup(e: impl fmt::Display) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+/// The figures of one run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// What was timed.
+    pub op: Op,
+    /// Requests timed.
+    pub requests: usize,
+    /// Of which accepted.
+    pub accepted: usize,
+    /// Connections.
+    pub concurrency: usize,
+    /// In flight per connection (closed loop).
+    pub pipeline: usize,
+    /// Offered load, if open loop.
+    pub rate: Option<f64>,
+    /// Wall time of the timed phase.
+    pub elapsed: Duration,
+    /// Latency percentiles p50, p95, p99, max.
+    pub latency: [Duration; 4],
+    /// Process CPU seconds (gateway and load generator) in the timed phase.
+    pub cpu_seconds: f64,
+    /// Peak resident memory of the process, KiB.
+    pub peak_rss_kib: u64,
+    /// P-256 sign + verify pairs per second on one core.
+    pub ceiling_one_core: f64,
+    /// The same on every core at once (can be below one core's on a
+    /// machine whose "cores" are hyperthreads or throttled vCPUs).
+    pub ceiling_all_cores: f64,
+    /// Cores used for the ceiling.
+    pub cores: usize,
+    /// Certificates in the registry after the run.
+    pub recorded: i64,
+}
+
+impl Report {
+    /// The crypto ceiling the throughput is compared with: the better of one
+    /// core and every core.
+    pub fn ceiling(&self) -> f64 {
+        self.ceiling_one_core.max(self.ceiling_all_cores)
+    }
+
+    /// Accepted requests per second.
+    pub fn throughput(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            Op::Enroll => "enrollments",
+            Op::Renew => "renewals",
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let load = match self.rate {
+            Some(rate) => format!("open loop at {rate:.0}/s offered"),
+            None => format!("closed loop, {} in flight per connection", self.pipeline),
+        };
+        writeln!(
+            f,
+            "idgate bench {}: {} devices, {} MQTT/TLS connections, {load}",
+            match self.op {
+                Op::Enroll => "enroll",
+                Op::Renew => "renew",
+            },
+            self.requests,
+            self.concurrency
+        )?;
+        writeln!(
+            f,
+            "  accepted              {} of {} ({} certificates recorded, SQLite synchronous=FULL)",
+            self.accepted, self.requests, self.recorded
+        )?;
+        writeln!(
+            f,
+            "  throughput            {:.0} {op}/s ({:.2} s)",
+            self.throughput(),
+            self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "  latency               p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            ms(self.latency[0]),
+            ms(self.latency[1]),
+            ms(self.latency[2]),
+            ms(self.latency[3])
+        )?;
+        writeln!(
+            f,
+            "  CPU per request       {:.2} ms (process total, load generator included)",
+            self.cpu_seconds * 1000.0 / self.accepted.max(1) as f64
+        )?;
+        writeln!(
+            f,
+            "  peak memory           {:.1} MiB (VmHWM)",
+            self.peak_rss_kib as f64 / 1024.0
+        )?;
+        writeln!(
+            f,
+            "  crypto ceiling        {:.0} P-256 sign+verify/s (ring; {:.0}/s on one core, {:.0}/s on all {})",
+            self.ceiling(),
+            self.ceiling_one_core,
+            self.ceiling_all_cores,
+            self.cores
+        )?;
+        write!(
+            f,
+            "  ratio                 {:.1} % of the ceiling",
+            100.0 * self.throughput() / self.ceiling().max(1e-9)
+        )
+    }
+}
+
+/// One prepared request.
+struct Job {
+    device: usize,
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// A device's keys and the requests made for it.
+struct Device {
+    id: String,
+    token: String,
+    key_pkcs8: Vec<u8>,
+}
+
+/// One answered request.
+struct Outcome {
+    device: usize,
+    latency: Duration,
+    accepted: bool,
+    payload: Vec<u8>,
+}
+
+/// Runs the benchmark; `log` gets progress lines.
+pub async fn run(options: &Options, log: &(dyn Fn(&str) + Sync)) -> Result<Report, BenchError> {
+    if options.devices == 0 || options.concurrency == 0 || options.pipeline == 0 {
+        return Err(BenchError::Options(
+            "--devices, --concurrency and --pipeline must be at least 1".into(),
+        ));
+    }
+    if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(BenchError::Options("--rate must be positive".into()));
+    }
+    let temp = tempfile::tempdir().map_err(setup)?;
+    let root = options
+        .keep
+        .clone()
+        .unwrap_or_else(|| temp.path().join("data"));
+    let data = DataDir::new(root);
+    let mut settings = Settings::new(data.clone());
+    settings.mqtt_listen = ([127, 0, 0, 1], 0).into();
+    settings.http_listen = ([127, 0, 0, 1], 0).into();
+    let gateway = Gateway::start(settings).await?;
+    let result = measure(options, &gateway, &data, log).await;
+    gateway.shutdown().await;
+    result
+}
+
+async fn measure(
+    options: &Options,
+    gateway: &Gateway,
+    data: &DataDir,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<Report, BenchError> {
+    let n = options.devices;
+    log(&format!("registering {n} devices"));
+    let tokens = data.tokens().map_err(setup)?;
+    let stamp = format!("{:x}", now());
+    let mut devices = Vec::with_capacity(n);
+    let mut rows = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("bench-{stamp}-{i}");
+        let new = tokens.generate(&id);
+        rows.push((
+            NewDevice {
+                id: id.clone(),
+                owner: "bench@example.com".into(),
+                site: "bench".into(),
+                model: None,
+                created_by: "bench".into(),
+            },
+            new.sealed,
+        ));
+        devices.push(Device {
+            id,
+            token: new.token,
+            key_pkcs8: Vec::new(),
+        });
+    }
+    gateway
+        .registry()
+        .import_batch(
+            &NewBatch {
+                id: format!("bench-{stamp}"),
+                owner: "bench@example.com".into(),
+                site: "bench".into(),
+                model: None,
+                created_by: "bench".into(),
+            },
+            &rows,
+            now(),
+            &|_| {},
+        )
+        .await
+        .map_err(setup)?;
+    drop(rows);
+
+    log("preparing keys, CSRs and proofs");
+    let (devices, enroll_jobs) = tokio::task::spawn_blocking(move || prepare_enroll(devices))
+        .await
+        .map_err(setup)??;
+    let root_pem = std::fs::read(data.root_certificate()).map_err(setup)?;
+    let port = gateway.mqtt_address().port();
+    let mut connections = connect(options, &root_pem, port, &devices).await?;
+
+    let jobs = match options.op {
+        Op::Enroll => enroll_jobs,
+        Op::Renew => {
+            log("enrolling every device (untimed)");
+            let outcomes = drive(&mut connections, enroll_jobs, options, None).await?;
+            let refused = outcomes.iter().filter(|o| !o.accepted).count();
+            if refused > 0 {
+                return Err(BenchError::Run(format!(
+                    "{refused} enrollments were refused before the renewal phase"
+                )));
+            }
+            log("preparing renewal keys, CSRs and signatures");
+            tokio::task::spawn_blocking(move || prepare_renew(&devices, &outcomes))
+                .await
+                .map_err(setup)??
+        }
+    };
+    log("timed phase");
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let outcomes = drive(&mut connections, jobs, options, options.rate).await?;
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds() - cpu_before;
+    for connection in connections {
+        let _ = connection.client.disconnect().await;
+    }
+    let accepted = outcomes.iter().filter(|o| o.accepted).count();
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+    latencies.sort_unstable();
+    let percentile = |p: f64| -> Duration {
+        let index = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        latencies.get(index).copied().unwrap_or_default()
+    };
+    let latency = [
+        percentile(0.50),
+        percentile(0.95),
+        percentile(0.99),
+        percentile(1.0),
+    ];
+    let recorded = gateway
+        .registry()
+        .certificate_total()
+        .await
+        .map_err(|e| BenchError::Run(e.to_string()))?;
+    log("measuring the crypto ceiling (about 2 s)");
+    let (one, all, cores) = tokio::task::spawn_blocking(crypto_ceiling)
+        .await
+        .map_err(setup)??;
+    Ok(Report {
+        op: options.op,
+        requests: outcomes.len(),
+        accepted,
+        concurrency: connections_used(options, n),
+        pipeline: options.pipeline,
+        rate: options.rate,
+        elapsed,
+        latency,
+        cpu_seconds: cpu,
+        peak_rss_kib: peak_rss_kib(),
+        ceiling_one_core: one,
+        ceiling_all_cores: all,
+        cores,
+        recorded,
+    })
+}
+
+fn connections_used(options: &Options, devices: usize) -> usize {
+    options.concurrency.min(devices)
+}
+
+fn new_key(rng: &SystemRandom) -> Result<(Vec<u8>, rcgen::KeyPair), BenchError> {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, rng)
+        .map_err(|_| setup("cannot generate a P-256 key"))?;
+    let der = pkcs8.as_ref().to_vec();
+    let key = rcgen::KeyPair::try_from(der.as_slice()).map_err(setup)?;
+    Ok((der, key))
+}
+
+fn csr_for(key: &rcgen::KeyPair) -> Result<Vec<u8>, BenchError> {
+    Ok(rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(setup)?
+        .serialize_request(key)
+        .map_err(setup)?
+        .der()
+        .to_vec())
+}
+
+fn prepare_enroll(mut devices: Vec<Device>) -> Result<(Vec<Device>, Vec<Job>), BenchError> {
+    let rng = SystemRandom::new();
+    let mut jobs = Vec::with_capacity(devices.len());
+    let mut buffer = vec![0u8; 4096];
+    for (index, device) in devices.iter_mut().enumerate() {
+        let (pkcs8, key) = new_key(&rng)?;
+        let csr = csr_for(&key)?;
+        let proof = enrollment_proof(device.token.as_bytes(), &csr);
+        let request = EnrollRequest {
+            rid: "bench-enroll",
+            csr: &csr,
+            proof: &proof,
+        };
+        let len = request.encode_cbor(&mut buffer).map_err(setup)?;
+        jobs.push(Job {
+            device: index,
+            topic: Topic::request(&device.id, ProtocolOp::Enroll, Format::Cbor).to_string(),
+            payload: buffer[..len].to_vec(),
+        });
+        device.key_pkcs8 = pkcs8;
+    }
+    Ok((devices, jobs))
+}
+
+fn prepare_renew(devices: &[Device], enrolled: &[Outcome]) -> Result<Vec<Job>, BenchError> {
+    let rng = SystemRandom::new();
+    let mut jobs = Vec::with_capacity(enrolled.len());
+    let mut buffer = vec![0u8; 4096];
+    let mut message = vec![0u8; idgate_pki::protocol::MAX_RENEW_MESSAGE];
+    for outcome in enrolled {
+        let device = &devices[outcome.device];
+        let issued = Issued::decode_cbor(&outcome.payload).map_err(setup)?;
+        let current =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &device.key_pkcs8, &rng)
+                .map_err(|e| setup(format!("device key: {e}")))?;
+        let (_, key) = new_key(&rng)?;
+        let csr = csr_for(&key)?;
+        let rid = "bench-renew";
+        let len =
+            renew_message(&device.id, rid, &csr, issued.serial, 1, &mut message).map_err(setup)?;
+        let sig = current
+            .sign(&rng, &message[..len])
+            .map_err(|_| setup("cannot sign the renewal"))?;
+        if sig.as_ref().len() != SIG_LEN {
+            return Err(setup("unexpected signature length"));
+        }
+        let request = RenewRequest {
+            rid,
+            csr: &csr,
+            serial: issued.serial,
+            counter: 1,
+            sig: sig.as_ref(),
+        };
+        let len = request.encode_cbor(&mut buffer).map_err(setup)?;
+        jobs.push(Job {
+            device: outcome.device,
+            topic: Topic::request(&device.id, ProtocolOp::Renew, Format::Cbor).to_string(),
+            payload: buffer[..len].to_vec(),
+        });
+    }
+    Ok(jobs)
+}
+
+/// An MQTT/TLS connection and the replies its event loop hands over.
+struct Connection {
+    client: AsyncClient,
+    replies: Replies,
+}
+
+async fn connect(
+    options: &Options,
+    root_pem: &[u8],
+    port: u16,
+    devices: &[Device],
+) -> Result<Vec<Connection>, BenchError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_pemfile::certs(&mut &root_pem[..]) {
+        roots.add(certificate.map_err(setup)?).map_err(setup)?;
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(setup)?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let count = connections_used(options, devices.len());
+    let mut connections = Vec::with_capacity(count);
+    for c in 0..count {
+        let mut mqtt = MqttOptions::new(format!("bench-{c}"), "127.0.0.1", port);
+        mqtt.set_keep_alive(Duration::from_secs(60));
+        mqtt.set_max_packet_size(256 * 1024, 256 * 1024);
+        mqtt.set_inflight(u16::try_from(options.pipeline.max(100)).unwrap_or(u16::MAX));
+        mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+        let (client, mut events) = AsyncClient::new(mqtt, 1024);
+        // Devices send one small request and wait: Nagle's algorithm would
+        // hold it back for the delayed ACK (40 ms) and measure TCP, not us.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subacks_tx, mut subacks) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(Ok((p.topic, p.payload.to_vec()))).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subacks_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        let mine: Vec<usize> = (c..devices.len()).step_by(count).collect();
+        for &d in &mine {
+            for op in [ProtocolOp::Enroll, ProtocolOp::Renew] {
+                let filter = format!("{}/+", Topic::request(&devices[d].id, op, Format::Cbor));
+                client
+                    .subscribe(filter, QoS::AtLeastOnce)
+                    .await
+                    .map_err(setup)?;
+            }
+        }
+        for _ in 0..mine.len() * 2 {
+            match tokio::time::timeout(Duration::from_secs(30), subacks.recv()).await {
+                Ok(Some(())) => {}
+                _ => {
+                    return Err(setup(format!(
+                        "connection {c}: subscriptions not acknowledged"
+                    )));
+                }
+            }
+        }
+        connections.push(Connection {
+            client,
+            replies: rx,
+        });
+    }
+    Ok(connections)
+}
+
+/// Sends every job over its device's connection and waits for every reply.
+async fn drive(
+    connections: &mut [Connection],
+    jobs: Vec<Job>,
+    options: &Options,
+    rate: Option<f64>,
+) -> Result<Vec<Outcome>, BenchError> {
+    let count = connections.len();
+    let mut per_connection: Vec<Vec<Job>> = (0..count).map(|_| Vec::new()).collect();
+    for job in jobs {
+        per_connection[job.device % count].push(job);
+    }
+    let interval = rate.map(|r| Duration::from_secs_f64(count as f64 / r));
+    let mut tasks = tokio::task::JoinSet::new();
+    let taken: Vec<(AsyncClient, mpsc::UnboundedReceiver<_>)> = connections
+        .iter_mut()
+        .map(|c| {
+            let (_, placeholder) = mpsc::unbounded_channel();
+            (
+                c.client.clone(),
+                std::mem::replace(&mut c.replies, placeholder),
+            )
+        })
+        .collect();
+    for (index, ((client, replies), jobs)) in taken.into_iter().zip(per_connection).enumerate() {
+        let pipeline = options.pipeline;
+        // Spread the connections' schedules over one interval.
+        let offset = interval.map(|i| i.mul_f64(index as f64 / count as f64));
+        tasks.spawn(async move {
+            let result = one_connection(client, replies, jobs, pipeline, interval, offset).await;
+            (index, result)
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, result) = joined.map_err(|e| BenchError::Run(e.to_string()))?;
+        let (replies, mut done) = result?;
+        connections[index].replies = replies;
+        outcomes.append(&mut done);
+    }
+    outcomes.sort_by_key(|o| o.device);
+    Ok(outcomes)
+}
+
+type Replies = mpsc::UnboundedReceiver<Result<(String, Vec<u8>), String>>;
+
+async fn one_connection(
+    client: AsyncClient,
+    mut replies: Replies,
+    jobs: Vec<Job>,
+    pipeline: usize,
+    interval: Option<Duration>,
+    offset: Option<Duration>,
+) -> Result<(Replies, Vec<Outcome>), BenchError> {
+    let total = jobs.len();
+    let mut pending = jobs.into_iter();
+    let mut in_flight: HashMap<String, (usize, Instant)> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(total);
+    let mut ticker = interval.map(|i| {
+        let mut t =
+            tokio::time::interval_at(tokio::time::Instant::now() + offset.unwrap_or_default(), i);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let send = |job: Job, in_flight: &mut HashMap<String, (usize, Instant)>| {
+        let client = client.clone();
+        let device_id = Topic::parse(&job.topic).map(|t| t.device_id.to_owned());
+        if let Some(id) = device_id {
+            in_flight.insert(id, (job.device, Instant::now()));
+        }
+        async move {
+            client
+                .publish(job.topic, QoS::AtLeastOnce, false, job.payload)
+                .await
+                .map_err(|e| BenchError::Run(e.to_string()))
+        }
+    };
+    if ticker.is_none() {
+        for job in pending.by_ref().take(pipeline) {
+            send(job, &mut in_flight).await?;
+        }
+    }
+    while outcomes.len() < total {
+        let tick = async {
+            match ticker.as_mut() {
+                Some(t) if pending.len() > 0 => {
+                    t.tick().await;
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = tick => {
+                if let Some(job) = pending.next() {
+                    send(job, &mut in_flight).await?;
+                }
+            }
+            reply = tokio::time::timeout(Duration::from_secs(60), replies.recv()) => {
+                let (topic, payload) = match reply {
+                    Ok(Some(Ok(reply))) => reply,
+                    Ok(Some(Err(e))) => return Err(BenchError::Run(format!("connection failed: {e}"))),
+                    Ok(None) => return Err(BenchError::Run("connection closed".into())),
+                    Err(_) => return Err(BenchError::Run("no reply within 60 s".into())),
+                };
+                let Some(parsed) = Topic::parse(&topic) else { continue };
+                let Some((device, started)) = in_flight.remove(parsed.device_id) else { continue };
+                outcomes.push(Outcome {
+                    device,
+                    latency: started.elapsed(),
+                    accepted: parsed.reply == Some(Reply::Accepted),
+                    payload,
+                });
+                if ticker.is_none()
+                    && let Some(job) = pending.next()
+                {
+                    send(job, &mut in_flight).await?;
+                }
+            }
+        }
+    }
+    Ok((replies, outcomes))
+}
+
+/// P-256 ECDSA sign + verify pairs per second with ring, on one core and on
+/// every core at once (about a second each).
+fn crypto_ceiling() -> Result<(f64, f64, usize), BenchError> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let one = sign_verify_rate(Duration::from_secs(1))?;
+    let threads: Vec<_> = (0..cores)
+        .map(|_| std::thread::spawn(|| sign_verify_rate(Duration::from_secs(1))))
+        .collect();
+    let mut all = 0.0;
+    for thread in threads {
+        all += thread
+            .join()
+            .map_err(|_| setup("a crypto thread panicked"))??;
+    }
+    Ok((one, all, cores))
+}
+
+fn sign_verify_rate(duration: Duration) -> Result<f64, BenchError> {
+    let rng = SystemRandom::new();
+    // ASN.1 signatures, as X.509 certificates and CSRs carry them.
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+            .map_err(|_| setup("cannot generate a P-256 key"))?;
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .map_err(|e| setup(format!("P-256 key: {e}")))?;
+    let public =
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    let message = [0x5au8; 300];
+    let started = Instant::now();
+    let mut pairs = 0u64;
+    while started.elapsed() < duration {
+        let sig = key
+            .sign(&rng, &message)
+            .map_err(|_| setup("P-256 signing failed"))?;
+        public
+            .verify(&message, sig.as_ref())
+            .map_err(|_| setup("P-256 verification failed"))?;
+        pairs += 1;
+    }
+    Ok(pairs as f64 / started.elapsed().as_secs_f64())
+}
+
+/// CPU seconds (user + system) of this process so far, from /proc/self/stat
+/// (Linux reports them in USER_HZ = 100 ticks per second); 0 elsewhere.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Peak resident set size, KiB (VmHWM); 0 where /proc is absent.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_figures_are_read() {
+        assert!(peak_rss_kib() > 0);
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {}
+        assert!(cpu_seconds() > 0.0);
+    }
+}
