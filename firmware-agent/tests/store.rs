@@ -211,3 +211,49 @@ fn corruption_of_the_newest_falls_back_to_the_other_slot() {
     assert_eq!(newest(&mut store), Some(credential(1)));
     assert_eq!(store.status().generation, 6);
 }
+
+#[test]
+fn random_flash_contents_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let good = seasoned();
+    for round in 0..500 {
+        let mut memory = good.clone();
+        match round % 3 {
+            // Pure noise, but with a plausible magic and version.
+            0 => {
+                rng.fill(&mut memory[..]);
+                for slot in [0, SimFlash::SECTOR] {
+                    memory[slot + 32..slot + 37].copy_from_slice(b"IDGC\x01");
+                }
+            }
+            // A good store with a few random bytes changed.
+            1 => {
+                for _ in 0..rng.gen_range(1..8) {
+                    let at = rng.gen_range(0..memory.len());
+                    memory[at] = rng.r#gen();
+                }
+            }
+            // Random lengths in otherwise good headers.
+            _ => {
+                for slot in [0, SimFlash::SECTOR] {
+                    let at = slot + 32 + 12 + 2 * rng.gen_range(0..3);
+                    memory[at] = rng.r#gen();
+                    memory[at + 1] = rng.r#gen();
+                }
+            }
+        }
+        let mut store = open(SimFlash::with_memory(memory));
+        let mut out = Credential::default();
+        for choice in [Choice::Newest, Choice::Confirmed] {
+            match store.load(choice, &mut out) {
+                Ok(()) => assert!(out == credential(1) || out == credential(2)),
+                Err(StoreError::Empty) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        // Whatever was found, the next write works and reads back.
+        store.write(&credential(9), Commit::Confirmed, 0).unwrap();
+        assert_eq!(newest(&mut store), Some(credential(9)));
+    }
+}
