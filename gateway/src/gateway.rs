@@ -112,6 +112,7 @@ impl Gateway {
         let (state_tx, state_rx) = watch::channel(first.clone());
         let (tls_tx, tls_rx) = watch::channel(material.server_config(&first.crl)?);
         let (revoked_tx, revoked_rx) = watch::channel(first.revoked.clone());
+        let (applied_tx, applied_rx) = watch::channel(first.clone());
 
         let authority = Arc::new(Authority::new(
             ca.clone(),
@@ -145,10 +146,13 @@ impl Gateway {
         tasks.spawn(apply_revocations(
             state_rx.clone(),
             material,
-            tls_tx,
-            revoked_tx,
-            sessions.clone(),
-            publisher,
+            Appliers {
+                tls: tls_tx,
+                revoked: revoked_tx,
+                sessions: sessions.clone(),
+                publisher,
+                applied: applied_tx,
+            },
             stopped.clone(),
         ));
         let front = Front::new(
@@ -176,7 +180,7 @@ impl Gateway {
             initialized,
             registry,
             sessions,
-            revocation: state_rx,
+            revocation: applied_rx,
             stop,
             tasks,
         })
@@ -207,7 +211,8 @@ impl Gateway {
         &self.sessions
     }
 
-    /// The current revocation state (changes when it is rebuilt).
+    /// The revocation state in force: it changes once a rebuilt state has
+    /// been applied (TLS verifier swapped, sessions closed, CRL published).
     pub fn revocation(&self) -> watch::Receiver<Arc<RevocationState>> {
         self.revocation.clone()
     }
@@ -223,28 +228,35 @@ impl Gateway {
     }
 }
 
-/// Applies each new revocation state: a TLS configuration with the new CRL
-/// for new handshakes, the revoked set for the post-handshake check, closing
-/// the live sessions of revoked certificates, and the CRL on its MQTT topic.
-async fn apply_revocations(
-    mut state: watch::Receiver<Arc<RevocationState>>,
-    material: TlsMaterial,
+/// Where a new revocation state takes effect.
+struct Appliers {
     tls: watch::Sender<Arc<rustls::ServerConfig>>,
     revoked: watch::Sender<Arc<HashSet<String>>>,
     sessions: Arc<Sessions>,
     publisher: mpsc::Sender<Message>,
+    applied: watch::Sender<Arc<RevocationState>>,
+}
+
+/// Applies each new revocation state: a TLS configuration with the new CRL
+/// for new handshakes, the revoked set for the post-handshake check, closing
+/// the live sessions of revoked certificates, and the CRL on its MQTT topic;
+/// then announces it as applied.
+async fn apply_revocations(
+    mut state: watch::Receiver<Arc<RevocationState>>,
+    material: TlsMaterial,
+    to: Appliers,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let current = state.borrow_and_update().clone();
         match material.server_config(&current.crl) {
             Ok(config) => {
-                tls.send_replace(config);
+                to.tls.send_replace(config);
             }
             Err(e) => error!(error = %e, "cannot rebuild the TLS configuration with the new CRL"),
         }
-        revoked.send_replace(current.revoked.clone());
-        let closed = sessions.close_revoked(&current.revoked);
+        to.revoked.send_replace(current.revoked.clone());
+        let closed = to.sessions.close_revoked(&current.revoked);
         if closed > 0 {
             info!(closed, "closed sessions of revoked certificates");
         }
@@ -253,9 +265,10 @@ async fn apply_revocations(
             payload: current.crl.to_vec(),
             retain: true,
         };
-        if publisher.send(crl).await.is_err() {
+        if to.publisher.send(crl).await.is_err() {
             return;
         }
+        to.applied.send_replace(current);
         tokio::select! {
             changed = state.changed() => if changed.is_err() { return },
             _ = shutdown.wait_for(|stop| *stop) => return,

@@ -40,6 +40,9 @@ pub struct RenewOptions {
     pub timeout: Duration,
     /// The agent's retransmission policy.
     pub retry: RetryPolicy,
+    /// Never present the certificate in the TLS handshake, even while it is
+    /// valid (as a device whose clock says it expired would connect).
+    pub anonymous: bool,
 }
 
 impl RenewOptions {
@@ -61,6 +64,7 @@ impl RenewOptions {
             counter,
             timeout: Duration::from_secs(60),
             retry: RetryPolicy::DEFAULT,
+            anonymous: false,
         }
     }
 }
@@ -125,7 +129,8 @@ pub async fn renew(options: &RenewOptions) -> Result<Renewed, SimError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let client_certificate = (current.not_before..=current.not_after).contains(&now);
+    let client_certificate =
+        !options.anonymous && (current.not_before..=current.not_after).contains(&now);
     let tls = if client_certificate {
         client_config_with_certificate(
             &options.ca_pem,
