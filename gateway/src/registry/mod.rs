@@ -51,6 +51,10 @@ pub enum RegistryError {
     /// A stored value is not what the schema allows.
     #[error("corrupt registry row: {0}")]
     Corrupt(String),
+    /// The group commit holding this record failed (every record in it was
+    /// rolled back).
+    #[error("database error (group commit): {0}")]
+    GroupCommit(String),
 }
 
 /// Which database is behind the registry.
@@ -389,6 +393,29 @@ pub struct Registry {
     /// SQLite has one writer; taking turns in-process avoids SQLITE_BUSY when
     /// a deferred transaction upgrades to a write.
     write_turn: Mutex<()>,
+    /// Certificates waiting to be recorded by the next group commit.
+    commit_queue: std::sync::Mutex<Vec<Queued>>,
+}
+
+/// Most records in one group commit: bounds how long one transaction holds
+/// the write lock.
+const MAX_GROUP: usize = 64;
+
+/// A certificate to record, and where its outcome goes.
+struct Queued {
+    record: Record,
+    done: tokio::sync::oneshot::Sender<Result<(), IssuanceError>>,
+}
+
+impl fmt::Debug for Queued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Queued { .. }")
+    }
+}
+
+enum Record {
+    Enrollment(Issuance, AuditEntry),
+    Renewal(Issuance, i64, AuditEntry),
 }
 
 /// The URL of the default SQLite registry in a data directory.
@@ -429,6 +456,7 @@ impl Registry {
             pool,
             backend,
             write_turn: Mutex::new(()),
+            commit_queue: std::sync::Mutex::new(Vec::new()),
         };
         registry.migrate().await?;
         Ok(registry)
@@ -639,85 +667,117 @@ impl Registry {
     /// Records an enrollment: consumes the token, activates the device, binds
     /// the key, stores the certificate and the request, and audits it, all in
     /// one durable transaction. Nothing is written if any step is refused.
+    ///
+    /// Group commit: concurrent records share one transaction and one fsync
+    /// (see [`Registry::group_commit`]); this returns once the transaction
+    /// holding this record has committed.
     pub async fn record_enrollment(
         &self,
         issuance: &Issuance,
         audit: &AuditEntry,
     ) -> Result<(), IssuanceError> {
-        let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
-        let device_id = &issuance.certificate.device_id;
-        let at = issuance.certificate.issued_at;
-        ensure_rid_free(&mut tx, issuance).await?;
-        let used = sqlx::query(
-            "UPDATE enrollment_credentials SET used_at = $1 WHERE device_id = $2 AND used_at IS NULL",
-        )
-        .bind(at)
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(RegistryError::from)?;
-        if used.rows_affected() != 1 {
-            return Err(IssuanceError::TokenUsed);
-        }
-        let activated = sqlx::query(
-            "UPDATE devices SET status = 'active', updated_at = $1 WHERE id = $2 AND status = 'pending'",
-        )
-        .bind(at)
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(RegistryError::from)?;
-        if activated.rows_affected() != 1 {
-            return Err(IssuanceError::NotPending);
-        }
-        store_issuance(&mut tx, issuance).await?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(RegistryError::from)?;
-        Ok(())
+        self.group_commit(Record::Enrollment(issuance.clone(), audit.clone()))
+            .await
     }
 
     /// Records a renewal: raises the device's counter (which must grow, and
     /// the device must be active), binds the new key, stores the certificate
-    /// and the request, and audits it, in one durable transaction.
+    /// and the request, and audits it, in one durable transaction (shared
+    /// with concurrent records, as [`Registry::record_enrollment`]).
     pub async fn record_renewal(
         &self,
         issuance: &Issuance,
         counter: i64,
         audit: &AuditEntry,
     ) -> Result<(), IssuanceError> {
+        self.group_commit(Record::Renewal(issuance.clone(), counter, audit.clone()))
+            .await
+    }
+
+    /// Queues `record`, then takes the write turn: whoever holds it commits
+    /// every queued record (up to [`MAX_GROUP`]) in one transaction, each
+    /// checked on its own inside a savepoint so that a refused record is
+    /// rolled back alone and the others still commit. While one group's fsync
+    /// runs, the next group gathers in the queue, so the number of fsyncs
+    /// follows the load instead of the number of certificates. Each caller
+    /// returns only after the commit that holds its record.
+    async fn group_commit(&self, record: Record) -> Result<(), IssuanceError> {
+        let (done, mut outcome) = tokio::sync::oneshot::channel();
+        self.queue().push(Queued { record, done });
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
-        let device_id = &issuance.certificate.device_id;
-        ensure_rid_free(&mut tx, issuance).await?;
-        let raised = sqlx::query(
-            "UPDATE devices SET renew_counter = $1, updated_at = $2 \
-             WHERE id = $3 AND status = 'active' AND renew_counter < $1",
-        )
-        .bind(counter)
-        .bind(issuance.certificate.issued_at)
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(RegistryError::from)?;
-        if raised.rows_affected() != 1 {
-            // Something changed since the checks: tell which.
-            let row = sqlx::query("SELECT status FROM devices WHERE id = $1")
-                .bind(device_id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(RegistryError::from)?;
-            let status: String = row.try_get("status").map_err(RegistryError::from)?;
-            return Err(if status == "active" {
-                IssuanceError::CounterNotGreater
-            } else {
-                IssuanceError::NotActive
-            });
+        loop {
+            match outcome.try_recv() {
+                Ok(result) => return result,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    // Its group's committer was cancelled before committing.
+                    return Err(RegistryError::GroupCommit(
+                        "the transaction holding this record was abandoned".into(),
+                    )
+                    .into());
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            let group: Vec<Queued> = {
+                let mut queue = self.queue();
+                let take = queue.len().min(MAX_GROUP);
+                queue.drain(..take).collect()
+            };
+            match self.commit_group(&group).await {
+                Ok(results) => {
+                    for (queued, result) in group.into_iter().zip(results) {
+                        let _ = queued.done.send(result);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for queued in group {
+                        let _ = queued
+                            .done
+                            .send(Err(RegistryError::GroupCommit(message.clone()).into()));
+                    }
+                }
+            }
         }
-        store_issuance(&mut tx, issuance).await?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(RegistryError::from)?;
-        Ok(())
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        // Nothing panics while holding it; a poisoned queue is still a queue.
+        self.commit_queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One transaction for `group`; the outcome of each record, in order.
+    async fn commit_group(
+        &self,
+        group: &[Queued],
+    ) -> Result<Vec<Result<(), IssuanceError>>, RegistryError> {
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(group.len());
+        for queued in group {
+            sqlx::query("SAVEPOINT idgate_record")
+                .execute(&mut *tx)
+                .await?;
+            let result = match &queued.record {
+                Record::Enrollment(issuance, audit) => {
+                    write_enrollment(&mut tx, issuance, audit).await
+                }
+                Record::Renewal(issuance, counter, audit) => {
+                    write_renewal(&mut tx, issuance, *counter, audit).await
+                }
+            };
+            if result.is_err() {
+                sqlx::query("ROLLBACK TO SAVEPOINT idgate_record")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("RELEASE SAVEPOINT idgate_record")
+                .execute(&mut *tx)
+                .await?;
+            results.push(result);
+        }
+        tx.commit().await?;
+        Ok(results)
     }
 
     /// Marks an active device suspect (possible clone) and audits why.
@@ -980,6 +1040,80 @@ impl Registry {
                 .try_get(0)?,
         )
     }
+}
+
+/// The statements of one enrollment record (see [`Registry::record_enrollment`]).
+async fn write_enrollment(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    issuance: &Issuance,
+    audit: &AuditEntry,
+) -> Result<(), IssuanceError> {
+    let device_id = &issuance.certificate.device_id;
+    let at = issuance.certificate.issued_at;
+    ensure_rid_free(tx, issuance).await?;
+    let used = sqlx::query(
+        "UPDATE enrollment_credentials SET used_at = $1 WHERE device_id = $2 AND used_at IS NULL",
+    )
+    .bind(at)
+    .bind(device_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(RegistryError::from)?;
+    if used.rows_affected() != 1 {
+        return Err(IssuanceError::TokenUsed);
+    }
+    let activated = sqlx::query(
+        "UPDATE devices SET status = 'active', updated_at = $1 WHERE id = $2 AND status = 'pending'",
+    )
+    .bind(at)
+    .bind(device_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(RegistryError::from)?;
+    if activated.rows_affected() != 1 {
+        return Err(IssuanceError::NotPending);
+    }
+    store_issuance(tx, issuance).await?;
+    insert_audit(tx, audit).await?;
+    Ok(())
+}
+
+/// The statements of one renewal record (see [`Registry::record_renewal`]).
+async fn write_renewal(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    issuance: &Issuance,
+    counter: i64,
+    audit: &AuditEntry,
+) -> Result<(), IssuanceError> {
+    let device_id = &issuance.certificate.device_id;
+    ensure_rid_free(tx, issuance).await?;
+    let raised = sqlx::query(
+        "UPDATE devices SET renew_counter = $1, updated_at = $2 \
+         WHERE id = $3 AND status = 'active' AND renew_counter < $1",
+    )
+    .bind(counter)
+    .bind(issuance.certificate.issued_at)
+    .bind(device_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(RegistryError::from)?;
+    if raised.rows_affected() != 1 {
+        // Something changed since the checks: tell which.
+        let row = sqlx::query("SELECT status FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(RegistryError::from)?;
+        let status: String = row.try_get("status").map_err(RegistryError::from)?;
+        return Err(if status == "active" {
+            IssuanceError::CounterNotGreater
+        } else {
+            IssuanceError::NotActive
+        });
+    }
+    store_issuance(tx, issuance).await?;
+    insert_audit(tx, audit).await?;
+    Ok(())
 }
 
 async fn insert_audit(

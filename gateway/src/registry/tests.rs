@@ -28,6 +28,7 @@ on_both_backends!(
     add_list_and_show,
     batch_import_is_all_or_nothing,
     batch_counts_follow_enrollment,
+    group_commit_refuses_records_alone,
     duplicate_devices_are_refused,
     enrollment_is_recorded_once,
     keys_bind_to_one_device,
@@ -639,4 +640,65 @@ async fn batch_counts_follow_enrollment(db: TestDatabase) {
         [("b1", 4), ("b2", 1)]
     );
     assert!(registry.batch("nope").await.unwrap().is_none());
+}
+
+async fn group_commit_refuses_records_alone(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    for id in ["g1", "g2", "g3", "g4"] {
+        registry
+            .add_device(&new_device(id, "s", "a@x.io"), b"sealed", 10)
+            .await
+            .unwrap();
+    }
+    // Recorded concurrently, so they share transactions: g2 reuses g1's key
+    // and g3 enrolls twice; each refusal must leave the others committed.
+    let records = [
+        issuance("g1", "0b01", 1, "r1"),
+        issuance("g2", "0b02", 1, "r1"),
+        issuance("g3", "0b03", 3, "r1"),
+        issuance("g3", "0b04", 4, "r2"),
+        issuance("g4", "0b05", 5, "r1"),
+    ];
+    let (registry, outcomes) = futures_join(registry, &records).await;
+    let ok = |i: usize| outcomes[i].is_ok();
+    assert!(ok(0) ^ ok(1), "one of g1 and g2 gets key 1: {outcomes:?}");
+    assert!(ok(2) ^ ok(3), "g3 enrolls once: {outcomes:?}");
+    assert!(ok(4), "{outcomes:?}");
+    for (i, record) in records.iter().enumerate() {
+        let stored = registry
+            .certificate(&record.certificate.serial)
+            .await
+            .unwrap();
+        assert_eq!(stored.is_some(), ok(i), "record {i}");
+    }
+    assert_eq!(
+        registry.device("g4").await.unwrap().unwrap().status,
+        DeviceStatus::Active
+    );
+}
+
+async fn futures_join(
+    registry: Registry,
+    records: &[Issuance],
+) -> (Registry, Vec<Result<(), IssuanceError>>) {
+    let registry = std::sync::Arc::new(registry);
+    let tasks: Vec<_> = records
+        .iter()
+        .cloned()
+        .map(|record| {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let audit = audit(&record.certificate.device_id);
+                registry.record_enrollment(&record, &audit).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    let registry = std::sync::Arc::into_inner(registry).unwrap();
+    (registry, outcomes)
 }
