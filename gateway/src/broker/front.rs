@@ -412,13 +412,29 @@ async fn connection(
             }
         };
         let outbound = async {
-            tokio::io::copy(&mut broker_read, &mut client_write)
-                .await
-                .map_err(|e| format!("client write: {e}"))
+            let mut buffer = vec![0u8; 16 * 1024];
+            loop {
+                let n = broker_read
+                    .read(&mut buffer)
+                    .await
+                    .map_err(|e| format!("broker read: {e}"))?;
+                if n == 0 {
+                    return Ok::<_, String>(());
+                }
+                // rumqttd's sockets use Nagle's algorithm: it holds a reply
+                // back until its previous small segment (the PUBACK of the
+                // request, say) is acknowledged, and a delayed ACK from us
+                // would make every reply wait ~40 ms. Acknowledge at once.
+                let _ = socket2::SockRef::from(broker_read.as_ref()).set_tcp_quickack(true);
+                client_write
+                    .write_all(&buffer[..n])
+                    .await
+                    .map_err(|e| format!("client write: {e}"))?;
+            }
         };
         let outcome = tokio::select! {
             result = inbound => result,
-            result = outbound => result.map(|_| ()),
+            result = outbound => result,
             _ = closed.wait_for(|close| *close) => Err("certificate revoked".to_owned()),
             _ = shutdown.wait_for(|stop| *stop) => Ok(()),
         };
