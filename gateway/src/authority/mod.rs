@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idgate_pki::ca::IssuingCa;
-use idgate_pki::check::check_csr;
+use idgate_pki::check::{CheckedCsr, check_csr};
 use idgate_pki::profile::Profile;
 use idgate_pki::protocol::RejectCode;
 use idgate_pki::wire::EnrollRequestBuf;
@@ -255,36 +255,18 @@ impl Authority {
         }
 
         let csr = check_csr(&request.csr).map_err(|e| Rejection::new(e.code(), e.to_string()))?;
-        let owner = registry
-            .key_owner(&csr.key_fingerprint)
-            .await
-            .map_err(|e| internal(&e))?;
-        if owner.is_some_and(|owner| owner != device_id) {
-            return Err(key_reused());
-        }
-
-        let issued = self
-            .ca
-            .issue(device_id, &csr, &self.policy.profile, now)
-            .map_err(|e| internal(&e))?;
-        let record = CertificateRecord {
-            serial: issued.serial.to_string(),
-            device_id: device_id.to_owned(),
-            key_fingerprint: csr.key_fingerprint.to_vec(),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-            issued_at: now,
-            der: issued.der,
-            revoked_at: None,
-            revocation_reason: None,
-            renewed_from: None,
-        };
-        let issuance = Issuance {
-            certificate: record.clone(),
-            op: ENROLL,
-            rid: request.rid.clone(),
-            csr_sha256: csr_sha256.clone(),
-        };
+        let issuance = self
+            .sign(
+                ENROLL,
+                device_id,
+                &request.rid,
+                &csr,
+                &csr_sha256,
+                None,
+                now,
+            )
+            .await?;
+        let record = issuance.certificate.clone();
         let audit = AuditEntry::new(now, format!("device:{device_id}"), ENROLL)
             .device(device_id)
             .serial(&record.serial)
@@ -300,13 +282,8 @@ impl Authority {
                 Ok(self.answer(record))
             }
             Err(IssuanceError::RidTaken) => {
-                // A duplicate of this request was answered while we signed.
-                let prior = registry
-                    .prior_request(device_id, ENROLL, &request.rid)
+                self.answered_meanwhile(ENROLL, device_id, &request.rid, &csr_sha256)
                     .await
-                    .map_err(|e| internal(&e))?
-                    .ok_or_else(Rejection::internal)?;
-                self.repeat(prior, &csr_sha256)
             }
             Err(IssuanceError::TokenUsed) => Err(Rejection::new(
                 RejectCode::TokenUsed,
@@ -322,6 +299,67 @@ impl Authority {
             }
             Err(IssuanceError::Registry(e)) => Err(internal(&e)),
         }
+    }
+
+    /// The shared last steps before recording: the key must not belong to
+    /// another device; then sign under the profile and describe the record.
+    #[allow(clippy::too_many_arguments)] // the request's parts, each needed once
+    pub(crate) async fn sign(
+        &self,
+        op: &'static str,
+        device_id: &str,
+        rid: &str,
+        csr: &CheckedCsr,
+        csr_sha256: &[u8],
+        renewed_from: Option<String>,
+        now: i64,
+    ) -> Result<Issuance, Rejection> {
+        let owner = self
+            .registry
+            .key_owner(&csr.key_fingerprint)
+            .await
+            .map_err(|e| internal(&e))?;
+        if owner.is_some_and(|owner| owner != device_id) {
+            return Err(key_reused());
+        }
+        let issued = self
+            .ca
+            .issue(device_id, csr, &self.policy.profile, now)
+            .map_err(|e| internal(&e))?;
+        Ok(Issuance {
+            certificate: CertificateRecord {
+                serial: issued.serial.to_string(),
+                device_id: device_id.to_owned(),
+                key_fingerprint: csr.key_fingerprint.to_vec(),
+                not_before: issued.not_before,
+                not_after: issued.not_after,
+                issued_at: now,
+                der: issued.der,
+                revoked_at: None,
+                revocation_reason: None,
+                renewed_from,
+            },
+            op,
+            rid: rid.to_owned(),
+            csr_sha256: csr_sha256.to_vec(),
+        })
+    }
+
+    /// A duplicate of this request was answered while we signed: answer as it was.
+    pub(crate) async fn answered_meanwhile(
+        &self,
+        op: &str,
+        device_id: &str,
+        rid: &str,
+        csr_sha256: &[u8],
+    ) -> Result<Answer, Rejection> {
+        let prior = self
+            .registry
+            .prior_request(device_id, op, rid)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(Rejection::internal)?;
+        self.repeat(prior, csr_sha256)
     }
 
     /// Answers a repeated rid: the same certificate for the same CSR.

@@ -15,9 +15,7 @@ use x509_parser::oid_registry::{OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{Answer, Authority, Opening, Rejection, internal, key_reused};
-use crate::registry::{
-    AuditEntry, CertificateRecord, Device, DeviceStatus, Issuance, IssuanceError,
-};
+use crate::registry::{AuditEntry, CertificateRecord, Device, DeviceStatus, IssuanceError};
 
 const RENEW: &str = "renew";
 
@@ -147,36 +145,18 @@ impl Authority {
             self.suspect(&device, &rejection, now).await;
             return Err(rejection);
         }
-        let owner = registry
-            .key_owner(&csr.key_fingerprint)
-            .await
-            .map_err(|e| internal(&e))?;
-        if owner.is_some_and(|owner| owner != device_id) {
-            return Err(key_reused());
-        }
-
-        let issued = self
-            .ca
-            .issue(device_id, &csr, &self.policy.profile, now)
-            .map_err(|e| internal(&e))?;
-        let record = CertificateRecord {
-            serial: issued.serial.to_string(),
-            device_id: device_id.to_owned(),
-            key_fingerprint: csr.key_fingerprint.to_vec(),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-            issued_at: now,
-            der: issued.der,
-            revoked_at: None,
-            revocation_reason: None,
-            renewed_from: Some(current.serial.clone()),
-        };
-        let issuance = Issuance {
-            certificate: record.clone(),
-            op: RENEW,
-            rid: request.rid.clone(),
-            csr_sha256: csr_sha256.clone(),
-        };
+        let issuance = self
+            .sign(
+                RENEW,
+                device_id,
+                &request.rid,
+                &csr,
+                &csr_sha256,
+                Some(current.serial.clone()),
+                now,
+            )
+            .await?;
+        let record = issuance.certificate.clone();
         let audit = AuditEntry::new(now, format!("device:{device_id}"), RENEW)
             .device(device_id)
             .serial(&record.serial)
@@ -193,12 +173,8 @@ impl Authority {
                 Ok(self.answer(record))
             }
             Err(IssuanceError::RidTaken) => {
-                let prior = registry
-                    .prior_request(device_id, RENEW, &request.rid)
+                self.answered_meanwhile(RENEW, device_id, &request.rid, &csr_sha256)
                     .await
-                    .map_err(|e| internal(&e))?
-                    .ok_or_else(Rejection::internal)?;
-                self.repeat(prior, &csr_sha256)
             }
             Err(IssuanceError::CounterNotGreater) => {
                 let rejection = Rejection::new(
