@@ -4,7 +4,9 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{AuditEntry, NewDevice, Registry, RegistryError, insert_audit};
+use super::{
+    AuditEntry, NewDevice, Registry, RegistryError, ensure_owner, insert_audit, insert_device,
+};
 
 /// A batch to register.
 #[derive(Clone, Debug)]
@@ -125,17 +127,7 @@ impl Registry {
         owners.sort_unstable();
         owners.dedup();
         for owner in owners {
-            let known = sqlx::query("SELECT 1 FROM owners WHERE email = $1")
-                .bind(owner)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if known.is_none() {
-                sqlx::query("INSERT INTO owners (email, created_at) VALUES ($1, $2)")
-                    .bind(owner)
-                    .bind(at)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            ensure_owner(&mut tx, owner, at).await?;
         }
         for (index, (device, sealed)) in devices.iter().enumerate() {
             let exists = sqlx::query("SELECT 1 FROM devices WHERE id = $1")
@@ -148,42 +140,7 @@ impl Registry {
                     id: device.id.clone(),
                 });
             }
-            sqlx::query(
-                "INSERT INTO devices (id, owner, site, model, status, created_by, created_at, \
-                 updated_at, batch_id) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $6, $7)",
-            )
-            .bind(&device.id)
-            .bind(&device.owner)
-            .bind(&device.site)
-            .bind(device.model.clone())
-            .bind(&device.created_by)
-            .bind(at)
-            .bind(&batch.id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO enrollment_credentials (device_id, kind, secret, created_at) \
-                 VALUES ($1, 'token', $2, $3)",
-            )
-            .bind(&device.id)
-            .bind(sealed.clone())
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            let detail = format!(
-                "batch={} owner={} site={} model={}",
-                batch.id,
-                device.owner,
-                device.site,
-                device.model.as_deref().unwrap_or("-")
-            );
-            insert_audit(
-                &mut tx,
-                &AuditEntry::new(at, &device.created_by, "device.add")
-                    .device(&device.id)
-                    .detail(detail),
-            )
-            .await?;
+            insert_device(&mut tx, device, sealed, at, Some(&batch.id)).await?;
             progress(index + 1);
         }
         let detail = format!(

@@ -523,51 +523,8 @@ impl Registry {
         if exists.is_some() {
             return Err(RegistryError::DeviceExists(device.id.clone()));
         }
-        let owner_known = sqlx::query("SELECT 1 FROM owners WHERE email = $1")
-            .bind(&device.owner)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if owner_known.is_none() {
-            sqlx::query("INSERT INTO owners (email, created_at) VALUES ($1, $2)")
-                .bind(&device.owner)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO devices (id, owner, site, model, status, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $6)",
-        )
-        .bind(&device.id)
-        .bind(&device.owner)
-        .bind(&device.site)
-        .bind(device.model.clone())
-        .bind(&device.created_by)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO enrollment_credentials (device_id, kind, secret, created_at) \
-             VALUES ($1, 'token', $2, $3)",
-        )
-        .bind(&device.id)
-        .bind(sealed_secret.to_vec())
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        let detail = format!(
-            "owner={} site={} model={}",
-            device.owner,
-            device.site,
-            device.model.as_deref().unwrap_or("-")
-        );
-        insert_audit(
-            &mut tx,
-            &AuditEntry::new(at, &device.created_by, "device.add")
-                .device(&device.id)
-                .detail(detail),
-        )
-        .await?;
+        ensure_owner(&mut tx, &device.owner, at).await?;
+        insert_device(&mut tx, device, sealed_secret, at, None).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1114,6 +1071,73 @@ async fn write_renewal(
     store_issuance(tx, issuance).await?;
     insert_audit(tx, audit).await?;
     Ok(())
+}
+
+/// Records an owner the first time one of its devices is registered.
+pub(super) async fn ensure_owner(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    email: &str,
+    at: i64,
+) -> Result<(), RegistryError> {
+    let known = sqlx::query("SELECT 1 FROM owners WHERE email = $1")
+        .bind(email)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if known.is_none() {
+        sqlx::query("INSERT INTO owners (email, created_at) VALUES ($1, $2)")
+            .bind(email)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Inserts a pending device (its owner already recorded), its sealed
+/// enrollment credential and its `device.add` audit entry.
+pub(super) async fn insert_device(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    device: &NewDevice,
+    sealed_secret: &[u8],
+    at: i64,
+    batch_id: Option<&str>,
+) -> Result<(), RegistryError> {
+    sqlx::query(
+        "INSERT INTO devices (id, owner, site, model, status, created_by, created_at, \
+         updated_at, batch_id) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $6, $7)",
+    )
+    .bind(&device.id)
+    .bind(&device.owner)
+    .bind(&device.site)
+    .bind(device.model.clone())
+    .bind(&device.created_by)
+    .bind(at)
+    .bind(batch_id.map(str::to_owned))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO enrollment_credentials (device_id, kind, secret, created_at) \
+         VALUES ($1, 'token', $2, $3)",
+    )
+    .bind(&device.id)
+    .bind(sealed_secret.to_vec())
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    let batch = batch_id.map(|b| format!("batch={b} ")).unwrap_or_default();
+    let detail = format!(
+        "{batch}owner={} site={} model={}",
+        device.owner,
+        device.site,
+        device.model.as_deref().unwrap_or("-")
+    );
+    insert_audit(
+        tx,
+        &AuditEntry::new(at, &device.created_by, "device.add")
+            .device(&device.id)
+            .detail(detail),
+    )
+    .await
 }
 
 async fn insert_audit(
