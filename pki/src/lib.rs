@@ -7,6 +7,7 @@
 
 pub mod csr;
 pub mod der;
+pub mod link;
 pub mod protocol;
 
 #[cfg(feature = "std")]
