@@ -9,6 +9,7 @@ mod bad_input;
 mod enroll;
 mod front;
 mod lifecycle;
+mod qemu;
 mod renew_bad_input;
 
 /// Runs an async test body on SQLite and on PostgreSQL.

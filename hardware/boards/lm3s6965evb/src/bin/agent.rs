@@ -1,0 +1,32 @@
+//! The agent image: waits for a line station on UART0, enrolls, stores the
+//! credential, and (with semihosting) reports and exits.
+#![no_std]
+#![no_main]
+
+use cortex_m_rt::entry;
+use idgate_board::device::{self, Outcome};
+use idgate_board::{report, stack};
+use idgate_board_lm3s6965evb::{Lm3s6965, STORE, boot_entropy, credential_flash, factory_page};
+
+#[entry]
+fn main() -> ! {
+    stack::paint();
+    let Some(peripherals) = cortex_m::Peripherals::take() else {
+        report::exit(false);
+    };
+    let mut board = Lm3s6965::new(peripherals.SYST);
+    let entropy = boot_entropy(&mut board);
+    let Some(flash) = credential_flash() else {
+        report::exit(false);
+    };
+    report!("idgate agent on lm3s6965evb: waiting for the station");
+    let outcome = device::run(board, flash, STORE, factory_page(), &entropy);
+    let ok = matches!(outcome, Outcome::Enrolled { .. });
+    report!("outcome: {:?}", outcome);
+    report!(
+        "footprint: stack peak {} bytes of {}",
+        stack::peak(),
+        stack::size()
+    );
+    report::exit(ok)
+}

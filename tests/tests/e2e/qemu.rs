@@ -1,0 +1,389 @@
+//! The firmware image on an emulated Cortex-M3: QEMU's `lm3s6965evb` boots
+//! the real agent image (`hardware/boards/lm3s6965evb`, release, `--locked`),
+//! its UART0 bridged to a TCP socket; a line station relays the line link
+//! (`idgate_pki::link`) to a real gateway over MQTT/TLS. The device generates
+//! its key from its DRBG, sends its CSR, checks the chain against the root
+//! pinned in its factory page, stores the credential in its A/B store and
+//! reports `Done`. The certificate must be in the registry and verify to the
+//! CA.
+//!
+//! Needs `qemu-system-arm` (Debian package of that name) and the
+//! `thumbv7m-none-eabi` target: `.ci/run` installs both. Without them the test
+//! fails and says so.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use idgate_board::factory::{FACTORY_PAGE, write_factory_page};
+use idgate_gateway::registry::DeviceStatus;
+use idgate_gateway::testing::TestDatabase;
+use idgate_pki::ca::pem_certificates;
+use idgate_pki::link::{self, DeviceState, Frame};
+use idgate_pki::protocol::{Format, Issued, Op};
+use idgate_tests::Harness;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Where the station writes the factory page in the LM3S6965's flash (memory.x).
+const FACTORY_ADDRESS: u32 = 0x0003_F000;
+/// The whole session, from QEMU's start to its exit, must end within this.
+const SESSION: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lm3s6965_image_enrolls_through_its_uart() {
+    let qemu = which("qemu-system-arm").unwrap_or_else(|| {
+        panic!(
+            "qemu-system-arm is not installed: the firmware test boots the board image in it \
+             (Debian: apt-get install qemu-system-arm; .ci/run does this)"
+        )
+    });
+    let image = tokio::task::spawn_blocking(|| build_image("lm3s6965evb", "thumbv7m-none-eabi"))
+        .await
+        .unwrap();
+
+    let harness = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let device_id = "qemu-lm3s-0001";
+    let token = harness.add_device(device_id, "line-1").await;
+    let root_pem = std::fs::read_to_string(harness.root_ca()).unwrap();
+    let root_der = pem_certificates(&root_pem).unwrap().remove(0);
+
+    // The programming station's part: a random seed and the pinned root.
+    let dir = tempfile::tempdir().unwrap();
+    let mut seed = [0u8; 32];
+    rand_bytes(&mut seed);
+    let mut page = Box::new([0u8; FACTORY_PAGE]);
+    let len = write_factory_page(&seed, &[&root_der], &mut page).unwrap();
+    let factory = dir.path().join("factory.bin");
+    std::fs::write(&factory, &page[..len]).unwrap();
+
+    // QEMU connects its UART to our listener.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut qemu = Qemu::start(&qemu, &image, &factory, port);
+    let (line, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .unwrap_or_else(|_| panic!("QEMU did not connect its serial port: {}", qemu.output()))
+        .unwrap();
+
+    let deadline = Instant::now() + SESSION;
+    let session = Station::new(line, &harness).run(device_id, &token);
+    let outcome = tokio::time::timeout(SESSION, session).await;
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = qemu.wait_until(deadline);
+        (status, qemu.output())
+    })
+    .await
+    .unwrap();
+    let (status, output) = exit;
+    let report = match outcome {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => panic!("station: {e}\nQEMU output:\n{output}"),
+        Err(_) => panic!("no Done within {SESSION:?}\nQEMU output:\n{output}"),
+    };
+    // The image reports through semihosting and exits 0 once enrolled.
+    println!("device report:\n{output}");
+    assert_eq!(status, Some(0), "QEMU exit status; output:\n{output}");
+    assert!(output.contains("outcome: Enrolled"), "{output}");
+    assert!(output.contains("footprint: stack peak"), "{output}");
+
+    // The registry holds exactly the certificate the device reported.
+    let device = harness.registry().device(device_id).await.unwrap().unwrap();
+    assert_eq!(device.status, DeviceStatus::Active);
+    let recorded = harness.registry().certificates(device_id).await.unwrap();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].serial, report.serial);
+    assert_eq!(recorded[0].der, report.certificate);
+
+    // It verifies to the CA (webpki, for client authentication) and names the device.
+    let end_entity = rustls::pki_types::CertificateDer::from(report.certificate.as_slice());
+    let anchor = webpki::anchor_from_trusted_cert(&rustls::pki_types::CertificateDer::from(
+        root_der.as_slice(),
+    ))
+    .unwrap()
+    .to_owned();
+    let intermediates: Vec<_> = report
+        .chain
+        .iter()
+        .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
+        .collect();
+    webpki::EndEntityCert::try_from(&end_entity)
+        .unwrap()
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &intermediates,
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("webpki refuses the device's chain: {e}"));
+    let (_, x509) =
+        x509_parser::prelude::FromDer::from_der(report.certificate.as_slice()).unwrap();
+    let x509: x509_parser::certificate::X509Certificate<'_> = x509;
+    let cn = x509.subject().iter_common_name().next().unwrap();
+    assert_eq!(cn.as_str().unwrap(), device_id);
+    // Without loss on the line, the first request got through.
+    assert_eq!(report.requests_relayed, 1);
+}
+
+/// What the station saw.
+struct StationReport {
+    serial: String,
+    certificate: Vec<u8>,
+    chain: Vec<Vec<u8>>,
+    requests_relayed: u32,
+}
+
+/// A frame from the device, copied out of the decoder.
+#[derive(Debug)]
+enum DeviceFrame {
+    HelloAck(DeviceState),
+    Request { format: Format, payload: Vec<u8> },
+    Done(String),
+    Failed(String),
+    Other(#[expect(dead_code, reason = "shown through Debug")] String),
+}
+
+impl From<Frame<'_>> for DeviceFrame {
+    fn from(frame: Frame<'_>) -> DeviceFrame {
+        match frame {
+            Frame::HelloAck { state, .. } => DeviceFrame::HelloAck(state),
+            Frame::Request {
+                op: Op::Enroll,
+                format,
+                payload,
+            } => DeviceFrame::Request {
+                format,
+                payload: payload.to_vec(),
+            },
+            Frame::Done { serial } => DeviceFrame::Done(serial.into()),
+            Frame::Failed { code, message } => DeviceFrame::Failed(format!("{code}: {message}")),
+            other => DeviceFrame::Other(format!("{other:?}")),
+        }
+    }
+}
+
+/// A minimal line station: one unit, relayed to the gateway over MQTT/TLS.
+struct Station<'h> {
+    line: TcpStream,
+    harness: &'h Harness,
+    decoder: link::Decoder<Vec<u8>>,
+    pending: Vec<u8>,
+}
+
+impl<'h> Station<'h> {
+    fn new(line: TcpStream, harness: &'h Harness) -> Station<'h> {
+        Station {
+            line,
+            harness,
+            decoder: link::Decoder::new(vec![0; link::MAX_BODY]),
+            pending: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, frame: &Frame<'_>) -> Result<(), String> {
+        let mut out = vec![0; link::MAX_FRAME];
+        let len = frame.encode(&mut out).map_err(|e| format!("encode: {e}"))?;
+        self.line
+            .write_all(&out[..len])
+            .await
+            .map_err(|e| format!("line write: {e}"))
+    }
+
+    /// The next frame from the device, skipping noise and damaged frames.
+    async fn receive(&mut self) -> Result<DeviceFrame, String> {
+        loop {
+            while !self.pending.is_empty() {
+                let byte = self.pending.remove(0);
+                match self.decoder.push(byte) {
+                    Some(Ok(frame)) => return Ok(DeviceFrame::from(frame)),
+                    Some(Err(e)) => eprintln!("station: damaged frame ignored: {e}"),
+                    None => {}
+                }
+            }
+            let mut buf = [0u8; 512];
+            let n = self
+                .line
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("line read: {e}"))?;
+            if n == 0 {
+                return Err("the device closed the line".into());
+            }
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    async fn run(mut self, device_id: &str, token: &str) -> Result<StationReport, String> {
+        self.send(&Frame::Hello).await?;
+        match self.receive().await? {
+            DeviceFrame::HelloAck(DeviceState::Blank) => {}
+            other => return Err(format!("expected a blank device's HelloAck, got {other:?}")),
+        }
+        self.send(&Frame::Provision {
+            device_id,
+            token: token.as_bytes(),
+        })
+        .await?;
+        let mut mqtt = self.harness.client("qemu-station").await;
+        let mut requests_relayed = 0;
+        let mut last_issued: Option<(Vec<u8>, Vec<Vec<u8>>)> = None;
+        loop {
+            match self.receive().await? {
+                DeviceFrame::Request { format, payload } => {
+                    requests_relayed += 1;
+                    let (outcome, reply) = mqtt.enroll(device_id, format, payload).await;
+                    if format == Format::Cbor
+                        && let Ok(issued) = Issued::decode_cbor(&reply)
+                    {
+                        last_issued = Some((
+                            issued.certificate.to_vec(),
+                            issued.chain.iter().map(|c| c.to_vec()).collect(),
+                        ));
+                    }
+                    self.send(&Frame::Reply {
+                        op: Op::Enroll,
+                        format,
+                        outcome,
+                        payload: &reply,
+                    })
+                    .await?;
+                }
+                DeviceFrame::Done(serial) => {
+                    let (certificate, chain) =
+                        last_issued.ok_or("Done before any certificate was relayed")?;
+                    return Ok(StationReport {
+                        serial,
+                        certificate,
+                        chain,
+                        requests_relayed,
+                    });
+                }
+                DeviceFrame::Failed(why) => return Err(format!("the device failed: {why}")),
+                other => return Err(format!("unexpected frame from the device: {other:?}")),
+            }
+        }
+    }
+}
+
+/// A QEMU process, killed when dropped; its stdout/stderr collected.
+struct Qemu {
+    child: Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Qemu {
+    fn start(qemu: &Path, image: &Path, factory: &Path, port: u16) -> Qemu {
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut child = Command::new(qemu)
+            .args(["-M", "lm3s6965evb", "-nographic", "-monitor", "none"])
+            .args(["-semihosting-config", "enable=on,target=native"])
+            .arg("-serial")
+            .arg(format!("tcp:{address}"))
+            .arg("-device")
+            .arg(format!(
+                "loader,file={},addr={FACTORY_ADDRESS:#x}",
+                factory.display()
+            ))
+            .arg("-kernel")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu.display()));
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Qemu { child, output }
+    }
+
+    /// Waits for QEMU to exit until `deadline`; `None` if it had to be killed.
+    fn wait_until(&mut self, deadline: Instant) -> Option<i32> {
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader threads a moment to drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds a board image (release, `--locked`) and returns the ELF's path.
+fn build_image(board: &str, target: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let board_dir = root.join("hardware/boards").join(board);
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("boards");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["build", "--release", "--locked", "--bin", "agent"])
+        .current_dir(&board_dir)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building the {board} image failed (is the {target} target installed? \
+         rustup target add {target}):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target_dir.join(target).join("release/agent")
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
+}
+
+fn rand_bytes(out: &mut [u8]) {
+    use rand::RngCore;
+    rand::rngs::OsRng.fill_bytes(out);
+}
