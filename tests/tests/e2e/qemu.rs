@@ -121,8 +121,7 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
             None,
         )
         .unwrap_or_else(|e| panic!("webpki refuses the device's chain: {e}"));
-    let (_, x509) =
-        x509_parser::prelude::FromDer::from_der(report.certificate.as_slice()).unwrap();
+    let (_, x509) = x509_parser::prelude::FromDer::from_der(report.certificate.as_slice()).unwrap();
     let x509: x509_parser::certificate::X509Certificate<'_> = x509;
     let cn = x509.subject().iter_common_name().next().unwrap();
     assert_eq!(cn.as_str().unwrap(), device_id);
@@ -298,8 +297,14 @@ impl Qemu {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu.display()));
         let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()

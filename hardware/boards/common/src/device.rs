@@ -36,8 +36,7 @@ pub const AGENT_VERSION: &str = concat!("idgate-agent ", env!("CARGO_PKG_VERSION
 
 /// The largest body the device accepts: a reply with the largest certificate
 /// and chain the agent keeps, plus the CBOR and link framing around them.
-pub const RECEIVE_BODY: usize =
-    idgate_agent::MAX_CERTIFICATE + idgate_agent::MAX_CHAIN_BYTES + 512;
+pub const RECEIVE_BODY: usize = idgate_agent::MAX_CERTIFICATE + idgate_agent::MAX_CHAIN_BYTES + 512;
 
 /// The largest frame the device sends: a request and its framing.
 const SEND_FRAME: usize = link::wire_len_max(MAX_REQUEST + 16);
@@ -264,7 +263,10 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         let roots: heapless::Vec<&[u8], 2> = match &self.factory {
             Ok(factory) => factory.roots().iter().copied().collect(),
             Err(_) => {
-                self.fail("not_provisioned", "no valid factory page (pinned root, seed)");
+                self.fail(
+                    "not_provisioned",
+                    "no valid factory page (pinned root, seed)",
+                );
                 return;
             }
         };
@@ -398,7 +400,11 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
 /// SHA-256 over a credential's fields, each with its length.
 fn digest(credential: &Credential) -> [u8; 32] {
     let mut hash = Sha256::new();
-    for part in [&credential.certificate[..], &credential.chain, &credential.key] {
+    for part in [
+        &credential.certificate[..],
+        &credential.chain,
+        &credential.key,
+    ] {
         hash.update((part.len() as u32).to_le_bytes());
         hash.update(part);
     }

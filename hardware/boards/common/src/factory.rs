@@ -125,7 +125,9 @@ pub fn write_factory_page(
         return Err(FactoryError::Corrupt);
     }
     let total: usize = roots.iter().map(|r| r.len()).sum();
-    if roots.iter().any(|r| r.is_empty() || r.len() > usize::from(u16::MAX))
+    if roots
+        .iter()
+        .any(|r| r.is_empty() || r.len() > usize::from(u16::MAX))
         || HEADER + total + 32 > FACTORY_PAGE
     {
         return Err(FactoryError::Corrupt);
@@ -164,8 +166,14 @@ mod tests {
             damaged[i] ^= 0x01;
             assert!(Factory::parse(&damaged).is_err(), "byte {i}");
         }
-        assert_eq!(Factory::parse(&[0xFF; 64]).err(), Some(FactoryError::Missing));
-        assert_eq!(Factory::parse(&page[..10]).err(), Some(FactoryError::Missing));
+        assert_eq!(
+            Factory::parse(&[0xFF; 64]).err(),
+            Some(FactoryError::Missing)
+        );
+        assert_eq!(
+            Factory::parse(&page[..10]).err(),
+            Some(FactoryError::Missing)
+        );
         let mut huge = [0u8; FACTORY_PAGE];
         let big = [1u8; FACTORY_PAGE];
         assert!(write_factory_page(&[0; 32], &[&big], &mut huge).is_err());

@@ -62,7 +62,10 @@ impl NorFlash for RamFlash<'_> {
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), Self::Error> {
         check_write(self, offset, bytes.len())?;
         let start = offset as usize;
-        for (cell, byte) in self.memory[start..start + bytes.len()].iter_mut().zip(bytes) {
+        for (cell, byte) in self.memory[start..start + bytes.len()]
+            .iter_mut()
+            .zip(bytes)
+        {
             // Programming only clears bits.
             *cell &= byte;
         }
@@ -88,6 +91,9 @@ mod tests {
         flash.erase(0, 1024).unwrap();
         flash.read(4, &mut out).unwrap();
         assert_eq!(out, [0xFF; 4]);
-        assert_eq!(flash.read(2047, &mut out), Err(NorFlashErrorKind::OutOfBounds));
+        assert_eq!(
+            flash.read(2047, &mut out),
+            Err(NorFlashErrorKind::OutOfBounds)
+        );
     }
 }

@@ -70,7 +70,10 @@ fn main() -> ! {
     const CALIBRATION: u32 = 2_000_000;
     let calibration_ticks = measure(|| known_loop(CALIBRATION));
     let overhead_ticks = measure(|| known_loop(1));
-    let per_tick = f64_ratio(2 * u64::from(CALIBRATION), calibration_ticks - overhead_ticks);
+    let per_tick = f64_ratio(
+        2 * u64::from(CALIBRATION),
+        calibration_ticks - overhead_ticks,
+    );
 
     let mut drbg = HmacDrbg::new(&[b"sign-bench: a fixed seed, for repeatable counts"]);
     let mut key = None;
@@ -91,11 +94,24 @@ fn main() -> ! {
             .verify_prehash(&digest, &signature)
             .is_ok()
     });
-    report!("raw: calibration {} overhead {} wraps {} cvr {} ctrl {:x}", calibration_ticks, overhead_ticks, systick_wraps(), SYST::get_current(), unsafe { core::ptr::read_volatile(0xE000_E010 as *const u32) });
+    report!(
+        "raw: calibration {} overhead {} wraps {} cvr {} ctrl {:x}",
+        calibration_ticks,
+        overhead_ticks,
+        systick_wraps(),
+        SYST::get_current(),
+        unsafe { core::ptr::read_volatile(0xE000_E010 as *const u32) }
+    );
     report!("calibration: {} instructions per SysTick count", per_tick);
-    report!("p256 key generation: {} instructions", scaled(keygen, per_tick));
+    report!(
+        "p256 key generation: {} instructions",
+        scaled(keygen, per_tick)
+    );
     report!("p256 signature: {} instructions", scaled(sign, per_tick));
-    report!("p256 verification: {} instructions", scaled(verify, per_tick));
+    report!(
+        "p256 verification: {} instructions",
+        scaled(verify, per_tick)
+    );
     report!("stack peak: {} bytes", stack::peak());
     report::exit(verified)
 }
