@@ -1,10 +1,10 @@
 //! Manufacturing batch files: a CSV of device ids, one per row, with optional
-//! per-row owner, site and model, checked completely before anything is
+//! per-row owner, site, model and label, checked completely before anything is
 //! registered so that a bad file is refused with its line number and nothing
 //! is half-imported.
 //!
 //! The format: a header row naming the columns (`id`, or `serial` for the
-//! same thing; optional `owner`, `site`, `model`, in any order), then one row
+//! same thing; optional `owner`, `site`, `model`, `label`, in any order), then one row
 //! per device. A UTF-8 byte order mark is skipped (spreadsheets write one);
 //! cells are trimmed; blank lines are skipped.
 
@@ -42,6 +42,8 @@ pub struct BatchRow {
     pub site: String,
     /// Model.
     pub model: Option<String>,
+    /// The label on the device's case (no default: each case has its own).
+    pub label: Option<String>,
 }
 
 /// The file cannot be imported.
@@ -122,6 +124,7 @@ enum Column {
     Owner,
     Site,
     Model,
+    Label,
 }
 
 /// Parses and checks a whole batch file. Every row is checked (device id
@@ -159,18 +162,19 @@ pub fn parse(bytes: &[u8], defaults: &Defaults) -> Result<Vec<BatchRow>, BatchFi
     })?;
     let header_line = line_of(bytes, &header);
     let mut columns = Vec::with_capacity(header.len());
-    let mut seen = [false; 4];
+    let mut seen = [false; 5];
     for name in header.iter() {
         let (column, slot) = match name.to_ascii_lowercase().as_str() {
             "id" | "serial" | "device_id" => (Column::Id, 0),
             "owner" => (Column::Owner, 1),
             "site" => (Column::Site, 2),
             "model" => (Column::Model, 3),
+            "label" => (Column::Label, 4),
             _ => {
                 return Err(at(
                     header_line,
                     format!(
-                        "unknown column {name:?} in the header (columns: id, owner, site, model)"
+                        "unknown column {name:?} in the header (columns: id, owner, site, model, label)"
                     ),
                 ));
             }
@@ -219,6 +223,7 @@ pub fn parse(bytes: &[u8], defaults: &Defaults) -> Result<Vec<BatchRow>, BatchFi
             owner: defaults.owner.clone(),
             site: defaults.site.clone(),
             model: defaults.model.clone(),
+            label: None,
         };
         for (column, cell) in columns.iter().zip(record.iter()) {
             match column {
@@ -237,6 +242,10 @@ pub fn parse(bytes: &[u8], defaults: &Defaults) -> Result<Vec<BatchRow>, BatchFi
                 Column::Model => {
                     check_label("model", cell).map_err(|e| at(line, e))?;
                     row.model = Some(cell.to_owned());
+                }
+                Column::Label => {
+                    check_label("label", cell).map_err(|e| at(line, e))?;
+                    row.label = Some(cell.to_owned());
                 }
             }
         }

@@ -261,6 +261,7 @@ async fn measure(
                 owner: "bench@example.com".into(),
                 site: "bench".into(),
                 model: None,
+                label: None,
                 created_by: "bench".into(),
             },
             new.sealed,

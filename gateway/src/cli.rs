@@ -173,6 +173,9 @@ enum DeviceCommand {
         /// Device model.
         #[arg(long)]
         model: Option<String>,
+        /// The label on the device's case (what facilities staff search for).
+        #[arg(long)]
+        label: Option<String>,
         /// Print {"id", "token"} as JSON (for line tooling).
         #[arg(long)]
         json: bool,
@@ -422,6 +425,7 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             owner,
             site,
             model,
+            label,
             json,
         } => {
             check_device_id(&id).map_err(|e| anyhow::anyhow!("device id {id:?} {e}"))?;
@@ -429,6 +433,9 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             check_label("site", &site)?;
             if let Some(model) = &model {
                 check_label("model", model)?;
+            }
+            if let Some(label) = &label {
+                check_label("label", label)?;
             }
             if !data.has_ca() {
                 bail!(
@@ -445,6 +452,7 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
                 owner: owner.clone(),
                 site: site.clone(),
                 model,
+                label,
                 created_by: actor(),
             };
             registry.add_device(&device, &new.sealed, now()).await?;
@@ -521,6 +529,7 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             say!("  owner       {}", device.owner);
             say!("  site        {}", device.site);
             say!("  model       {}", device.model.as_deref().unwrap_or("-"));
+            say!("  label       {}", device.label.as_deref().unwrap_or("-"));
             say!(
                 "  registered  {} by {}",
                 format_time(device.created_at),
@@ -639,6 +648,7 @@ async fn batch(data: DataDir, database: Option<String>, command: BatchCommand) -
                         owner: row.owner.clone(),
                         site: row.site.clone(),
                         model: row.model.clone(),
+                        label: row.label.clone(),
                         created_by: created_by.clone(),
                     },
                     new.sealed,

@@ -84,6 +84,7 @@ impl Harness {
                     owner: "facilities@example.com".into(),
                     site: site.into(),
                     model: Some("th-1".into()),
+                    label: None,
                     created_by: "test".into(),
                 },
                 &new.sealed,

@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 
 mod batches;
 pub use batches::{BatchError, BatchSummary, NewBatch};
+pub mod console;
 
 /// A `SELECT` of every column [`certificate_from_row`] reads, then `$tail`.
 macro_rules! select_certificates {
@@ -30,6 +31,7 @@ macro_rules! select_certificates {
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial", include_str!("migrations/0001_initial.sql")),
     (2, "batches", include_str!("migrations/0002_batches.sql")),
+    (5, "console", include_str!("migrations/0005_console.sql")),
 ];
 
 /// A registry failure: our fault or the database's, never the device's.
@@ -142,6 +144,8 @@ pub struct NewDevice {
     pub site: String,
     /// Model, if known.
     pub model: Option<String>,
+    /// The label on its case, if any.
+    pub label: Option<String>,
     /// Who registers it.
     pub created_by: String,
 }
@@ -167,6 +171,10 @@ pub struct Device {
     pub updated_at: i64,
     /// Highest renewal counter accepted.
     pub renew_counter: i64,
+    /// The label on its case.
+    pub label: Option<String>,
+    /// When it last connected with its certificate (or was last connected).
+    pub last_seen_at: Option<i64>,
 }
 
 /// Filters for [`Registry::list_devices`]; `None` matches everything.
@@ -481,14 +489,19 @@ impl Registry {
         .execute(&self.pool)
         .await?;
         let latest = MIGRATIONS.last().map_or(0, |m| m.0);
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM idgate_schema")
-            .fetch_one(&self.pool)
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM idgate_schema")
+            .fetch_all(&self.pool)
             .await?
-            .try_get(0)?;
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let current = applied.iter().copied().max().unwrap_or(0);
         if current > latest {
             return Err(RegistryError::SchemaTooNew(current, latest));
         }
-        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        // Every migration not applied yet, not only those above the highest:
+        // migrations numbered in parallel may land out of order.
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
             let mut tx = self.pool.begin().await?;
             // Another replica may be migrating the same PostgreSQL database:
             // the version row's primary key makes the loser roll back.
@@ -532,8 +545,8 @@ impl Registry {
     /// One device.
     pub async fn device(&self, id: &str) -> Result<Option<Device>, RegistryError> {
         let row = sqlx::query(
-            "SELECT id, owner, site, model, status, created_by, created_at, updated_at, renew_counter \
-             FROM devices WHERE id = $1",
+            "SELECT id, owner, site, model, status, created_by, created_at, updated_at, renew_counter, \
+             label, last_seen_at FROM devices WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -544,8 +557,8 @@ impl Registry {
     /// Devices matching `filter`, by id.
     pub async fn list_devices(&self, filter: &DeviceFilter) -> Result<Vec<Device>, RegistryError> {
         let mut sql = String::from(
-            "SELECT id, owner, site, model, status, created_by, created_at, updated_at, renew_counter \
-             FROM devices WHERE 1 = 1",
+            "SELECT id, owner, site, model, status, created_by, created_at, updated_at, renew_counter, \
+             label, last_seen_at FROM devices WHERE 1 = 1",
         );
         let mut values: Vec<String> = Vec::new();
         for (column, value) in [
@@ -1104,7 +1117,7 @@ pub(super) async fn insert_device(
 ) -> Result<(), RegistryError> {
     sqlx::query(
         "INSERT INTO devices (id, owner, site, model, status, created_by, created_at, \
-         updated_at, batch_id) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $6, $7)",
+         updated_at, batch_id, label) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $6, $7, $8)",
     )
     .bind(&device.id)
     .bind(&device.owner)
@@ -1113,6 +1126,7 @@ pub(super) async fn insert_device(
     .bind(&device.created_by)
     .bind(at)
     .bind(batch_id.map(str::to_owned))
+    .bind(device.label.clone())
     .execute(&mut **tx)
     .await?;
     sqlx::query(
@@ -1125,8 +1139,13 @@ pub(super) async fn insert_device(
     .execute(&mut **tx)
     .await?;
     let batch = batch_id.map(|b| format!("batch={b} ")).unwrap_or_default();
+    let label = device
+        .label
+        .as_deref()
+        .map(|l| format!(" label={l}"))
+        .unwrap_or_default();
     let detail = format!(
-        "{batch}owner={} site={} model={}",
+        "{batch}owner={} site={} model={}{label}",
         device.owner,
         device.site,
         device.model.as_deref().unwrap_or("-")
@@ -1263,6 +1282,8 @@ fn device_from_row(row: &AnyRow) -> Result<Device, RegistryError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         renew_counter: row.try_get("renew_counter")?,
+        label: row.try_get("label")?,
+        last_seen_at: row.try_get("last_seen_at")?,
     })
 }
 

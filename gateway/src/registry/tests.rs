@@ -44,6 +44,7 @@ fn new_device(id: &str, site: &str, owner: &str) -> NewDevice {
         owner: owner.into(),
         site: site.into(),
         model: Some("th-1".into()),
+        label: None,
         created_by: "cli:test".into(),
     }
 }
