@@ -172,6 +172,11 @@ impl Gateway {
             },
             stopped.clone(),
         ));
+        tasks.spawn(crate::broker::presence::record(
+            registry.clone(),
+            sessions.clone(),
+            stopped.clone(),
+        ));
         tasks.spawn(crate::service::run(authority, bus, stopped));
         info!(%mqtt_address, %http_address, "gateway listening");
         Ok(Gateway {

@@ -151,6 +151,9 @@ pub struct Sessions {
     live: Mutex<HashMap<u64, Live>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    /// Devices that connected or disconnected since [`Sessions::take_seen`],
+    /// and when (see [`super::presence`]).
+    seen: Mutex<HashMap<String, i64>>,
 }
 
 impl Sessions {
@@ -178,9 +181,10 @@ impl Sessions {
         self.connections.load(Ordering::Relaxed)
     }
 
-    fn register(&self, device_id: &str, serial: &str) -> (u64, watch::Receiver<bool>) {
+    pub(crate) fn register(&self, device_id: &str, serial: &str) -> (u64, watch::Receiver<bool>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(false);
+        self.mark_seen(device_id);
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.insert(
             id,
@@ -193,9 +197,32 @@ impl Sessions {
         (id, closed)
     }
 
-    fn unregister(&self, id: u64) {
+    pub(crate) fn unregister(&self, id: u64) {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        live.remove(&id);
+        if let Some(gone) = live.remove(&id) {
+            drop(live);
+            self.mark_seen(&gone.device_id);
+        }
+    }
+
+    fn mark_seen(&self, device_id: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.insert(device_id.to_owned(), crate::registry::now());
+    }
+
+    /// The devices seen since the last call, and when; with `live`, also
+    /// every device connected now, seen at `now`.
+    pub fn take_seen(&self, live: bool, now: i64) -> Vec<(String, i64)> {
+        let mut seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        if live {
+            let connected = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            for session in connected.values() {
+                seen.insert(session.device_id.clone(), now);
+            }
+        }
+        let mut seen: Vec<_> = seen.into_iter().collect();
+        seen.sort_unstable();
+        seen
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod embedded;
 pub mod front;
 pub mod guard;
+pub mod presence;
 
 use tokio::sync::mpsc;
 
