@@ -234,6 +234,7 @@ pub async fn run(options: &Options, log: &(dyn Fn(&str) + Sync)) -> Result<Repor
     let mut settings = Settings::new(data.clone());
     settings.mqtt_listen = ([127, 0, 0, 1], 0).into();
     settings.http_listen = ([127, 0, 0, 1], 0).into();
+    settings.admin.listen = ([127, 0, 0, 1], 0).into();
     let gateway = Gateway::start(settings).await?;
     let result = measure(options, &gateway, &data, log).await;
     gateway.shutdown().await;

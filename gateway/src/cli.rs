@@ -26,6 +26,8 @@ macro_rules! say {
     }};
 }
 
+mod accounts;
+
 /// idgate: device identity gateway (online intermediate CA over MQTT).
 #[derive(Debug, Parser)]
 #[command(name = "idgate", version, about)]
@@ -64,6 +66,12 @@ enum Command {
     /// Measure enrollment or renewal throughput against an in-process gateway.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Manage staff accounts of the admin API and web console.
+    #[command(subcommand)]
+    User(accounts::UserCommand),
+    /// Manage API tokens for automation (line stations, scripts).
+    #[command(subcommand)]
+    Token(accounts::TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +150,9 @@ struct ServeArgs {
     /// Address of the public HTTP endpoints: `GET /crl` and the OCSP responder.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_listen: SocketAddr,
+    /// Address of the admin API and web console (HTTPS). Keep it private.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    admin_listen: SocketAddr,
     /// Device certificate lifetime, e.g. 24h, 30m, 7d (5 minutes to 30 days).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
@@ -285,6 +296,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Device(command) => device(data, database, command).await,
         Command::Batch(command) => batch(data, database, command).await,
         Command::Bench(command) => bench(command).await,
+        Command::User(command) => accounts::user(data, database, command).await,
+        Command::Token(command) => accounts::token(data, database, command).await,
     }
 }
 
@@ -324,6 +337,7 @@ async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Resu
     settings.database_url = database;
     settings.mqtt_listen = args.mqtt_listen;
     settings.http_listen = args.http_listen;
+    settings.admin.listen = args.admin_listen;
     settings.policy.profile = profile;
     settings.policy.renew_grace = args.renew_grace;
     let gateway = Gateway::start(settings).await?;
@@ -349,6 +363,10 @@ async fn serve(data: DataDir, database: Option<String>, args: ServeArgs) -> Resu
     say!(
         "  OCSP responder       http://{}/ocsp",
         gateway.http_address()
+    );
+    say!(
+        "  admin API, console   https://{}/ (`idgate user add NAME --role admin` first)",
+        gateway.admin_address()
     );
     say!(
         "  certificate lifetime {}",

@@ -33,11 +33,13 @@ pub struct Settings {
     pub policy: Policy,
     /// Front door limits.
     pub limits: front::Limits,
+    /// The admin listener (HTTPS: JSON API and web console) and its sessions.
+    pub admin: crate::api::AdminSettings,
 }
 
 impl Settings {
     /// Defaults for `data`: MQTT/TLS on 0.0.0.0:8883, HTTP on 0.0.0.0:8080,
-    /// 24 h certificates.
+    /// the admin API on 127.0.0.1:8443, 24 h certificates.
     pub fn new(data: DataDir) -> Settings {
         Settings {
             data,
@@ -46,6 +48,7 @@ impl Settings {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             policy: Policy::default(),
             limits: front::Limits::default(),
+            admin: crate::api::AdminSettings::default(),
         }
     }
 }
@@ -72,6 +75,9 @@ pub enum StartError {
     /// HTTP listener problem.
     #[error("cannot listen for HTTP on {0}: {1}")]
     Http(SocketAddr, std::io::Error),
+    /// Admin listener problem.
+    #[error(transparent)]
+    Admin(#[from] crate::api::server::AdminError),
 }
 
 /// A running gateway.
@@ -79,6 +85,7 @@ pub enum StartError {
 pub struct Gateway {
     mqtt_address: SocketAddr,
     http_address: SocketAddr,
+    admin_address: SocketAddr,
     initialized: bool,
     registry: Arc<Registry>,
     sessions: Arc<Sessions>,
@@ -131,6 +138,26 @@ impl Gateway {
         let http_address = http_listener
             .local_addr()
             .map_err(|e| StartError::Http(settings.http_listen, e))?;
+        let admin_listen = settings.admin.listen;
+        let admin_listener = tokio::net::TcpListener::bind(admin_listen)
+            .await
+            .map_err(|e| crate::api::server::AdminError::Bind(admin_listen, e))?;
+        let admin_address = admin_listener
+            .local_addr()
+            .map_err(|e| crate::api::server::AdminError::Bind(admin_listen, e))?;
+        let admin_tls = crate::api::server::tls_config(
+            &read_text(&data.tls_certificate())?,
+            &read_text(&data.tls_key())?,
+        )?;
+        let admin_state = crate::api::AdminState {
+            registry: registry.clone(),
+            ca: ca.clone(),
+            root_certificate_pem: read_text(&data.root_certificate())?.into(),
+            tokens: data.tokens()?,
+            revocation: state_rx.clone(),
+            http_address,
+            settings: Arc::new(settings.admin.clone()),
+        };
         let (upstream, bus) = embedded::start().await?;
         let publisher = bus.replies.clone();
         let sessions = Arc::new(Sessions::default());
@@ -177,11 +204,18 @@ impl Gateway {
             sessions.clone(),
             stopped.clone(),
         ));
+        tasks.spawn(crate::api::server::serve(
+            admin_listener,
+            admin_tls,
+            admin_state,
+            stopped.clone(),
+        ));
         tasks.spawn(crate::service::run(authority, bus, stopped));
-        info!(%mqtt_address, %http_address, "gateway listening");
+        info!(%mqtt_address, %http_address, %admin_address, "gateway listening");
         Ok(Gateway {
             mqtt_address,
             http_address,
+            admin_address,
             initialized,
             registry,
             sessions,
@@ -199,6 +233,11 @@ impl Gateway {
     /// Where `GET /crl` and the OCSP responder are served.
     pub fn http_address(&self) -> SocketAddr {
         self.http_address
+    }
+
+    /// Where the admin API and the web console are served (HTTPS).
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
     }
 
     /// Whether this start created the data directory's CA.

@@ -9,6 +9,7 @@
 //! [`gateway`] all of them started together.
 
 pub mod admin;
+pub mod api;
 pub mod authority;
 pub mod batch;
 pub mod bench;

@@ -39,6 +39,8 @@ fn serve(data: &Path) -> (Child, u16, mpsc::Receiver<String>) {
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -47,6 +47,7 @@ impl Harness {
         settings.database_url = Some(registry.url.clone());
         settings.mqtt_listen = "127.0.0.1:0".parse().expect("address");
         settings.http_listen = "127.0.0.1:0".parse().expect("address");
+        settings.admin.listen = "127.0.0.1:0".parse().expect("address");
         adjust(&mut settings);
         let gateway = Gateway::start(settings).await.expect("gateway starts");
         Some(Harness {

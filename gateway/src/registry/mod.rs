@@ -12,7 +12,12 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use tokio::sync::Mutex;
 
+mod accounts;
 mod batches;
+pub use accounts::{
+    Account, AccountError, ApiToken, NewApiToken, NewSession, Role, SessionRecord,
+    check_account_name,
+};
 pub use batches::{BatchError, BatchSummary, NewBatch};
 pub mod console;
 
@@ -31,6 +36,7 @@ macro_rules! select_certificates {
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial", include_str!("migrations/0001_initial.sql")),
     (2, "batches", include_str!("migrations/0002_batches.sql")),
+    (3, "accounts", include_str!("migrations/0003_accounts.sql")),
     (5, "console", include_str!("migrations/0005_console.sql")),
 ];
 
