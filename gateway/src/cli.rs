@@ -72,6 +72,11 @@ enum Command {
     /// Manage API tokens for automation (line stations, scripts).
     #[command(subcommand)]
     Token(accounts::TokenCommand),
+    /// Register and revoke line stations (the programming fixtures' identities).
+    #[command(subcommand)]
+    Station(idgate_gateway::line::cli::StationCommand),
+    /// Run a line station: provision and enroll devices on serial/TCP fixtures.
+    Line(idgate_gateway::line::cli::LineArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +303,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(command) => bench(command).await,
         Command::User(command) => accounts::user(data, database, command).await,
         Command::Token(command) => accounts::token(data, database, command).await,
+        Command::Station(command) => {
+            let registry = open_registry(&data, database).await?;
+            idgate_gateway::line::cli::station(data, registry, &actor(), command).await
+        }
+        Command::Line(args) => {
+            let summary = idgate_gateway::line::cli::line(args).await?;
+            if summary.failed > 0 {
+                bail!("{} unit(s) failed", summary.failed);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -530,6 +546,7 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
             };
             let certificates = registry.certificates(&id).await?;
             let audit = registry.audit_trail(&id).await?;
+            let enrolled_by = registry.enrolled_by(&id).await?;
             registry.close().await;
             if json {
                 say!(
@@ -537,6 +554,7 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
                     serde_json::to_string_pretty(&serde_json::json!({
                         "device": device,
                         "certificates": certificates,
+                        "enrolled_by": enrolled_by,
                         "audit": audit,
                     }))?
                 );
@@ -567,6 +585,9 @@ async fn device(data: DataDir, database: Option<String>, command: DeviceCommand)
                     format_time(c.not_before),
                     format_time(c.not_after)
                 );
+                if let Some(by) = enrolled_by.iter().find(|e| e.serial == c.serial) {
+                    say!("    enrolled by line station {}", by.station_id);
+                }
             }
             say!("Audit trail ({})", audit.len());
             for a in &audit {

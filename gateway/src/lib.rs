@@ -17,6 +17,7 @@ pub mod broker;
 pub mod datadir;
 pub mod gateway;
 pub mod http;
+pub mod line;
 pub mod provisioner;
 pub mod registry;
 pub mod revocation;

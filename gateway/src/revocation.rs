@@ -58,7 +58,9 @@ pub async fn build(
     // certificates moves it again, and the next poll rebuilds.
     let epoch = registry.revocation_epoch().await?;
     let at = now();
-    let records = registry.revoked_unexpired(at).await?;
+    let mut records = registry.revoked_unexpired(at).await?;
+    // Line stations' certificates come from the same issuing CA: one CRL.
+    records.extend(registry.revoked_station_certificates(at).await?);
     let mut revoked = HashSet::new();
     let mut entries = Vec::with_capacity(records.len());
     for record in records {

@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::authority::{Answer, Authority, Rejection};
 use crate::broker::{Bus, Message};
+use crate::line::topic::StationTopic;
 use crate::registry::now;
 
 /// Requests in progress at once.
@@ -56,6 +57,12 @@ pub async fn run(
 
 /// Serves one message; unknown topics are ignored.
 pub async fn handle(authority: &Authority, message: Message, replies: &mpsc::Sender<Message>) {
+    if let Some(topic) = StationTopic::parse(&message.topic) {
+        if topic.reply.is_none() && topic.op == Op::Enroll {
+            station_enroll(authority, &topic, &message.payload, replies).await;
+        }
+        return;
+    }
     let Some(topic) = Topic::parse(&message.topic).filter(|t| t.reply.is_none()) else {
         debug!(topic = %message.topic, "ignoring a message on a non-request topic");
         return;
@@ -74,6 +81,53 @@ pub async fn handle(authority: &Authority, message: Message, replies: &mpsc::Sen
             _ => {
                 debug!("no handler for this operation");
                 return;
+            }
+        };
+        let reply_topic = topic.with_reply(reply).to_string();
+        if replies
+            .send(Message {
+                topic: reply_topic,
+                payload,
+                retain: false,
+            })
+            .await
+            .is_err()
+        {
+            warn!("broker gone; reply dropped");
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// An enrollment relayed by a line station; answered on the station's topic.
+async fn station_enroll(
+    authority: &Authority,
+    topic: &StationTopic<'_>,
+    payload: &[u8],
+    replies: &mpsc::Sender<Message>,
+) {
+    let span = info_span!(
+        "request",
+        station_id = topic.station_id,
+        device_id = topic.device_id,
+        op = topic.op.as_str(),
+        rid = tracing::field::Empty,
+        serial = tracing::field::Empty
+    );
+    async {
+        let format = topic.format;
+        let (reply, payload) = match wire::decode_enroll(format, payload) {
+            Ok(request) => {
+                tracing::Span::current().record("rid", request.rid.as_str());
+                let outcome = authority
+                    .enroll_for_station(topic.station_id, topic.device_id, &request, now())
+                    .await;
+                answer(format, &request.rid, outcome)
+            }
+            Err(undecodable) => {
+                let device_topic = Topic::request(topic.device_id, topic.op, format);
+                refuse_undecodable(authority, &device_topic, undecodable).await
             }
         };
         let reply_topic = topic.with_reply(reply).to_string();

@@ -19,4 +19,6 @@ pub mod profile;
 #[cfg(feature = "std")]
 pub mod revocation;
 #[cfg(feature = "std")]
+pub mod station;
+#[cfg(feature = "std")]
 pub mod wire;

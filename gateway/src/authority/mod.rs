@@ -5,6 +5,7 @@
 //! Nothing is sent before it is recorded, and every refusal is audited.
 
 mod renew;
+mod station;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,10 +136,24 @@ impl Authority {
         request: &EnrollRequestBuf,
         now: i64,
     ) -> Result<Answer, Rejection> {
-        match self.try_enroll(device_id, request, now).await {
+        self.enroll_via(None, device_id, request, now).await
+    }
+
+    /// Serves an `enroll` request for `device_id`, relayed by line station
+    /// `station` if there is one (already authorized for this device): the
+    /// station is audited as the actor and recorded with the certificate.
+    pub(crate) async fn enroll_via(
+        &self,
+        station: Option<&str>,
+        device_id: &str,
+        request: &EnrollRequestBuf,
+        now: i64,
+    ) -> Result<Answer, Rejection> {
+        match self.try_enroll(station, device_id, request, now).await {
             Ok(answer) => Ok(answer),
             Err(rejection) => {
-                self.audit_refusal_of(ENROLL, device_id, &request.rid, &rejection, now)
+                let actor = actor(station, device_id);
+                self.audit_refusal_by(&actor, ENROLL, device_id, &request.rid, &rejection, now)
                     .await;
                 Err(rejection)
             }
@@ -167,8 +182,21 @@ impl Authority {
         rejection: &Rejection,
         now: i64,
     ) {
+        self.audit_refusal_by(&actor(None, device_id), op, device_id, rid, rejection, now)
+            .await;
+    }
+
+    pub(crate) async fn audit_refusal_by(
+        &self,
+        actor: &str,
+        op: &str,
+        device_id: &str,
+        rid: &str,
+        rejection: &Rejection,
+        now: i64,
+    ) {
         warn!(code = %rejection.code, reason = %rejection.message, "{op} refused");
-        let entry = AuditEntry::new(now, format!("device:{device_id}"), op)
+        let entry = AuditEntry::new(now, actor, op)
             .device(device_id)
             .outcome(rejection.code.as_str())
             .detail(format!("rid={rid} {}", rejection.message));
@@ -208,6 +236,7 @@ impl Authority {
 
     async fn try_enroll(
         &self,
+        station: Option<&str>,
         device_id: &str,
         request: &EnrollRequestBuf,
         now: i64,
@@ -255,7 +284,7 @@ impl Authority {
         }
 
         let csr = check_csr(&request.csr).map_err(|e| Rejection::new(e.code(), e.to_string()))?;
-        let issuance = self
+        let mut issuance = self
             .sign(
                 ENROLL,
                 device_id,
@@ -266,12 +295,14 @@ impl Authority {
                 now,
             )
             .await?;
+        issuance.station = station.map(str::to_owned);
         let record = issuance.certificate.clone();
-        let audit = AuditEntry::new(now, format!("device:{device_id}"), ENROLL)
+        let via = station.map(|s| format!(" station={s}")).unwrap_or_default();
+        let audit = AuditEntry::new(now, actor(station, device_id), ENROLL)
             .device(device_id)
             .serial(&record.serial)
             .detail(format!(
-                "rid={} key={} not_after={}",
+                "rid={} key={} not_after={}{via}",
                 request.rid,
                 csr.key_type.as_str(),
                 record.not_after
@@ -342,6 +373,7 @@ impl Authority {
             op,
             rid: rid.to_owned(),
             csr_sha256: csr_sha256.to_vec(),
+            station: None,
         })
     }
 
@@ -406,6 +438,15 @@ pub(crate) enum Opening {
     },
     /// A repeated rid, answered as the first time.
     Repeated(Answer),
+}
+
+/// Who a request is audited as: the device itself, or the line station that
+/// relayed it.
+fn actor(station: Option<&str>, device_id: &str) -> String {
+    match station {
+        Some(station) => format!("station:{station}"),
+        None => format!("device:{device_id}"),
+    }
 }
 
 /// Logs a failure of ours (registry, signing) and gives the device `internal`.

@@ -307,20 +307,34 @@ pub async fn serve(listener: TcpListener, front: Front, mut shutdown: watch::Rec
     info!("MQTT front stopped accepting");
 }
 
-/// Who a verified client certificate names: the device id in its SAN URI
-/// (`urn:idgate:device:{id}`) and its serial.
-fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
+/// Who a verified client certificate names: a device (SAN URI
+/// `urn:idgate:device:{id}`) or a line station (`urn:idgate:station:{id}`),
+/// a label for logs and session lookups (the device id, or `station:{id}`),
+/// and its serial.
+fn certificate_identity(der: &[u8]) -> Option<(Identity, String, String)> {
     let (_, certificate) = X509Certificate::from_der(der).ok()?;
     let san = certificate.subject_alternative_name().ok()??;
-    let device_id = san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => uri.strip_prefix("urn:idgate:device:"),
-        _ => None,
-    })?;
-    idgate_pki::protocol::check_device_id(device_id).ok()?;
-    Some((
-        device_id.to_owned(),
-        idgate_pki::ca::hex(certificate.raw_serial()),
-    ))
+    let serial = idgate_pki::ca::hex(certificate.raw_serial());
+    san.value.general_names.iter().find_map(|name| {
+        let GeneralName::URI(uri) = name else {
+            return None;
+        };
+        if let Some(device_id) = uri.strip_prefix("urn:idgate:device:") {
+            idgate_pki::protocol::check_device_id(device_id).ok()?;
+            return Some((
+                Identity::Device(device_id.to_owned()),
+                device_id.to_owned(),
+                serial.clone(),
+            ));
+        }
+        let station_id = uri.strip_prefix(idgate_pki::station::STATION_URI_PREFIX)?;
+        idgate_pki::protocol::check_device_id(station_id).ok()?;
+        Some((
+            Identity::Station(station_id.to_owned()),
+            format!("station:{station_id}"),
+            serial.clone(),
+        ))
+    })
 }
 
 async fn connection(
@@ -356,10 +370,12 @@ async fn connection(
 
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         None => None,
-        Some(leaf) => Some(certificate_identity(leaf).ok_or("client certificate names no device")?),
+        Some(leaf) => Some(
+            certificate_identity(leaf).ok_or("client certificate names no device or station")?,
+        ),
     };
     let guard_identity = match &identity {
-        Some((device_id, _)) => Identity::Device(device_id.clone()),
+        Some((identity, _, _)) => identity.clone(),
         None => Identity::Anonymous,
     };
 
@@ -383,7 +399,7 @@ async fn connection(
 
     let registration = identity
         .as_ref()
-        .map(|(device_id, serial)| (front.sessions.register(device_id, serial), serial.clone()));
+        .map(|(_, label, serial)| (front.sessions.register(label, serial), serial.clone()));
     // Anonymous sessions are never closed for revocation; their sender lives
     // as long as the connection so the receiver never reports it gone.
     let (_never, unrevocable) = watch::channel(false);

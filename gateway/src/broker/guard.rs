@@ -13,6 +13,7 @@
 //! understand.
 
 use super::CRL_TOPIC;
+use crate::line::topic::StationTopic;
 use idgate_pki::protocol::{Op, TOPIC_PREFIX, Topic, check_device_id};
 use rand::RngCore;
 
@@ -28,6 +29,10 @@ pub const MAX_PACKET: usize = 64 * 1024 + 1024;
 /// (and so disconnect) a certified device's MQTT session. (rumqttd refuses
 /// client ids containing `/`, `+`, `#` or `$`, so those cannot mark it.)
 const ANONYMOUS_PREFIX: &str = "_anon.";
+
+/// Prepended to a station's client id, for the same reason: a station id may
+/// equal a device id, and the two must never share an MQTT session.
+const STATION_PREFIX: &str = "_station.";
 
 /// Longest topic or filter quoted in a [`Refusal`]: the text ends up in logs.
 const MAX_QUOTED: usize = 128;
@@ -53,6 +58,9 @@ pub enum Identity {
     /// No client certificate: a device enrolling, or renewing with an expired
     /// certificate.
     Anonymous,
+    /// A line station certificate naming this station id: it may relay
+    /// enrollment requests under its own station topics only.
+    Station(String),
 }
 
 /// Why a connection is refused. The connection is closed after the first one.
@@ -114,6 +122,16 @@ pub fn admit_connect(identity: &Identity, connect: &[u8]) -> Result<Vec<u8>, Ref
                 }
             }
             Ok(connect.to_vec())
+        }
+        Identity::Station(id) => {
+            crate::line::topic::station_prefix(id).ok_or(Refusal::ClientIdMismatch)?;
+            if parsed.client_id != id {
+                return Err(Refusal::ClientIdMismatch);
+            }
+            if parsed.will_topic.is_some() {
+                return Err(Refusal::WillNotAllowed);
+            }
+            replace_client_id(connect, &parsed, &format!("{STATION_PREFIX}{id}"))
         }
         Identity::Anonymous => {
             if parsed.will_topic.is_some() {
@@ -205,6 +223,11 @@ enum Policy {
         prefix: String,
     },
     Anonymous,
+    /// A line station, with its topic prefix `idgate/v1/stations/{id}/`.
+    Station {
+        id: String,
+        prefix: String,
+    },
     /// A device identity whose id is not a valid device id: nothing allowed.
     Nothing,
 }
@@ -220,6 +243,10 @@ impl Guard {
                 None => Policy::Nothing,
             },
             Identity::Anonymous => Policy::Anonymous,
+            Identity::Station(id) => match crate::line::topic::station_prefix(&id) {
+                Some(prefix) => Policy::Station { id, prefix },
+                None => Policy::Nothing,
+            },
         };
         Guard {
             policy,
@@ -328,6 +355,10 @@ impl Guard {
         let allowed = match &self.policy {
             Policy::Device { prefix } => topic.starts_with(prefix.as_str()),
             Policy::Anonymous => is_request_topic(topic),
+            // Its own enrollment requests; which devices it may enroll is the
+            // authority's check (the guard knows no batches).
+            Policy::Station { id, .. } => StationTopic::parse(topic)
+                .is_some_and(|t| t.station_id == id && t.reply.is_none() && t.op == Op::Enroll),
             Policy::Nothing => false,
         };
         if allowed {
@@ -364,6 +395,9 @@ impl Guard {
                     filter == CRL_TOPIC || filter.starts_with(prefix.as_str())
                 }
                 Policy::Anonymous => filter == CRL_TOPIC || is_reply_filter(filter),
+                Policy::Station { prefix, .. } => {
+                    filter == CRL_TOPIC || filter.starts_with(prefix.as_str())
+                }
                 Policy::Nothing => false,
             };
             if !allowed {
@@ -1274,6 +1308,78 @@ mod tests {
                 assert_eq!(
                     check_publish(device(), level, topic),
                     Err(Refusal::Malformed)
+                );
+            }
+        }
+    }
+
+    fn station() -> Identity {
+        Identity::Station("st-1".to_owned())
+    }
+
+    #[test]
+    fn station_connect_is_renamed_apart_from_devices() {
+        for level in [4, 5] {
+            let admitted = admit_connect(&station(), &C::new(level, "st-1").encode()).unwrap();
+            assert_eq!(admitted, C::new(level, "_station.st-1").encode());
+            assert_eq!(
+                admit_connect(&station(), &C::new(level, "st-2").encode()),
+                Err(Refusal::ClientIdMismatch)
+            );
+            assert_eq!(
+                admit_connect(
+                    &station(),
+                    &full_connect(level, "st-1", Some("idgate/v1/stations/st-1/x")).encode()
+                ),
+                Err(Refusal::WillNotAllowed)
+            );
+        }
+    }
+
+    #[test]
+    fn station_publishes_its_own_enroll_requests_only() {
+        for level in [4, 5] {
+            for topic in [
+                "idgate/v1/stations/st-1/devices/dev-1/enroll/cbor",
+                "idgate/v1/stations/st-1/devices/X_9.a/enroll/json",
+            ] {
+                assert_eq!(check_publish(station(), level, topic), Ok(()), "{topic}");
+            }
+            for topic in [
+                "idgate/v1/stations/st-2/devices/dev-1/enroll/cbor",
+                "idgate/v1/stations/st-1/devices/dev-1/renew/cbor",
+                "idgate/v1/stations/st-1/devices/dev-1/enroll/cbor/accepted",
+                "idgate/v1/stations/st-1/devices/-x/enroll/cbor",
+                "idgate/v1/devices/dev-1/enroll/cbor",
+                "idgate/v1/crl",
+            ] {
+                assert_eq!(
+                    check_publish(station(), level, topic),
+                    Err(Refusal::TopicNotAllowed(topic.to_owned())),
+                    "{topic}"
+                );
+            }
+            for filter in [
+                "idgate/v1/stations/st-1/devices/+/enroll/+/+",
+                "idgate/v1/stations/st-1/#",
+                "idgate/v1/crl",
+            ] {
+                assert_eq!(
+                    check_subscribe(station(), level, filter),
+                    Ok(()),
+                    "{filter}"
+                );
+            }
+            for filter in [
+                "idgate/v1/stations/+/devices/+/enroll/+/+",
+                "idgate/v1/stations/st-2/#",
+                "idgate/v1/devices/+/enroll/cbor/+",
+                "#",
+            ] {
+                assert_eq!(
+                    check_subscribe(station(), level, filter),
+                    Err(Refusal::FilterNotAllowed(filter.to_owned())),
+                    "{filter}"
                 );
             }
         }

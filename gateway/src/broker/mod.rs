@@ -44,4 +44,5 @@ pub struct Bus {
 pub const REQUEST_FILTERS: &[&str] = &[
     "idgate/v1/devices/+/enroll/+",
     "idgate/v1/devices/+/renew/+",
+    crate::line::topic::STATION_REQUEST_FILTER,
 ];

@@ -429,6 +429,7 @@ mod tests {
             op: "enroll",
             rid: format!("rid-{key}"),
             csr_sha256: vec![key; 32],
+            station: None,
         };
         let audit = AuditEntry::new(issued_at, format!("device:{id}"), "enroll").device(id);
         registry

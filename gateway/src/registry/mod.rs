@@ -20,6 +20,10 @@ pub use accounts::{
 };
 pub use batches::{BatchError, BatchSummary, NewBatch};
 pub mod console;
+mod stations;
+pub use stations::{
+    EnrolledBy, NewStation, Station, StationCertificate, StationError, StationStatus,
+};
 
 /// A `SELECT` of every column [`certificate_from_row`] reads, then `$tail`.
 macro_rules! select_certificates {
@@ -37,6 +41,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "initial", include_str!("migrations/0001_initial.sql")),
     (2, "batches", include_str!("migrations/0002_batches.sql")),
     (3, "accounts", include_str!("migrations/0003_accounts.sql")),
+    (4, "stations", include_str!("migrations/0004_stations.sql")),
     (5, "console", include_str!("migrations/0005_console.sql")),
 ];
 
@@ -243,6 +248,9 @@ pub struct Issuance {
     pub rid: String,
     /// SHA-256 of the CSR, to tell a retry from a conflicting reuse of the rid.
     pub csr_sha256: Vec<u8>,
+    /// The line station that relayed the request, if one did (recorded with
+    /// the certificate: the creation chain).
+    pub station: Option<String>,
 }
 
 /// Why an issuance could not be recorded (nothing was written).
@@ -1050,6 +1058,7 @@ async fn write_enrollment(
         return Err(IssuanceError::NotPending);
     }
     store_issuance(tx, issuance).await?;
+    stations::record_enrolled_by(tx, issuance).await?;
     insert_audit(tx, audit).await?;
     Ok(())
 }

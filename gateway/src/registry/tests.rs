@@ -66,6 +66,7 @@ fn issuance(device: &str, serial: &str, key: u8, rid: &str) -> Issuance {
         op: "enroll",
         rid: rid.into(),
         csr_sha256: vec![key; 32],
+        station: None,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod fake_gateway;
 pub mod files;
 mod flash;
 mod keystore;
+pub mod line_device;
 mod pem;
 mod renew;
 mod session;
@@ -19,6 +20,7 @@ pub use enroll::{EnrollOptions, Enrolled, enroll};
 pub use fake_gateway::FakeGateway;
 pub use flash::{SimFlash, SimFlashError};
 pub use keystore::{Operation, SoftKeyError, SoftKeyStore};
+pub use line_device::{Behaviour, LineDeviceOptions, run_line_device};
 pub use renew::{RenewOptions, Renewed, renew};
 pub use tls::{BrokerAddress, client_config, client_config_with_certificate};
 

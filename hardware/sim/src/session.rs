@@ -174,7 +174,7 @@ async fn drive<R: RequestKind>(
 }
 
 /// The agent's final event as the simulator reports it.
-fn outcome<R: RequestKind>(
+pub(crate) fn outcome<R: RequestKind>(
     event: Event,
     agent: Exchange<SoftKeyStore, R>,
 ) -> Result<Enrolled, SimError> {

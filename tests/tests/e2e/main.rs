@@ -9,6 +9,7 @@ mod bad_input;
 mod enroll;
 mod front;
 mod lifecycle;
+mod line;
 mod qemu;
 mod renew_bad_input;
 

@@ -25,6 +25,29 @@ enum Command {
     /// Renew one device's certificate with a new key: reads DIR/key.pem,
     /// DIR/cert.pem, DIR/chain.pem and DIR/counter, and replaces them.
     Renew(RenewArgs),
+    /// A blank device on a line station's fixture: connects to the station
+    /// over TCP (standing in for the serial port), speaks the line link and
+    /// enrolls with the real agent.
+    Device(LineDeviceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LineDeviceArgs {
+    /// The station's fixture address (`idgate line --listen`), HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    tcp: String,
+    /// PEM file with the root CA certificate(s) the device pins.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// normal, garbage (answers noise) or silent (answers nothing).
+    #[arg(long, default_value = "normal")]
+    behave: String,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    timeout: u64,
+    /// Directory for the key and certificates, if wanted.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 /// What every command needs to reach the gateway as one device.
@@ -88,6 +111,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Enroll(args) => run_enroll(args).await,
         Command::Renew(args) => run_renew(args).await,
+        Command::Device(args) => run_device(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -168,5 +192,30 @@ async fn run_renew(args: RenewArgs) -> anyhow::Result<()> {
         }
     );
     println!("wrote {}", dir.display());
+    Ok(())
+}
+
+async fn run_device(args: LineDeviceArgs) -> anyhow::Result<()> {
+    let ca_pem = std::fs::read(&args.ca)
+        .with_context(|| format!("reading CA file {}", args.ca.display()))?;
+    let mut options = idgate_sim::LineDeviceOptions::new(ca_pem);
+    options.timeout = Duration::from_secs(args.timeout);
+    options.behaviour = match args.behave.as_str() {
+        "normal" => idgate_sim::Behaviour::Normal,
+        "garbage" => idgate_sim::Behaviour::Garbage,
+        "silent" => idgate_sim::Behaviour::Silent,
+        other => anyhow::bail!("--behave {other:?}: normal, garbage or silent"),
+    };
+    let line = tokio::net::TcpStream::connect(&args.tcp)
+        .await
+        .with_context(|| format!("connecting to the station at {}", args.tcp))?;
+    let enrolled = idgate_sim::run_line_device(line, &options).await?;
+    if let Some(out) = &args.out {
+        enrolled
+            .write_files(out)
+            .with_context(|| format!("writing to {}", out.display()))?;
+    }
+    println!("serial: {}", enrolled.serial);
+    println!("not_after: {}", enrolled.not_after);
     Ok(())
 }

@@ -1,0 +1,312 @@
+//! The manufacturing line: a station (`idgate line`'s library) drives
+//! simulated devices, which run the real agent, over TCP standing in for
+//! their serial ports, and relays their enrollments over MQTT/TLS with its
+//! own station certificate. A device answering garbage and a silent one are
+//! failed by timeout while the others pass; a station is refused devices
+//! outside its batches; a revoked station certificate is refused at the
+//! handshake.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idgate_gateway::line::admin::{StationCredentials, add_station};
+use idgate_gateway::line::relay::{Relay, RelayError, RelayOptions};
+use idgate_gateway::line::station::{Fixtures, Station, UnitOutcome, UnitReport, run};
+use idgate_gateway::line::tokens::TokenPool;
+use idgate_gateway::registry::{DeviceStatus, NewBatch, NewDevice, now};
+use idgate_gateway::testing::TestDatabase;
+use idgate_pki::protocol::{EnrollRequest, Format, Reply, enrollment_proof};
+use idgate_pki::wire::{decode_rejected, encode_enroll};
+use idgate_sim::{Behaviour, LineDeviceOptions, SimError, run_line_device};
+use idgate_tests::Harness;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+
+crate::on_both_backends!(a_station_enrolls_a_batch_and_fails_bad_units);
+
+const GOOD: usize = 20;
+
+/// Registers batch `id` with `devices` ids; returns `(id, token)` pairs.
+async fn import(h: &Harness, id: &str, devices: &[String]) -> Vec<(String, String)> {
+    let tokens = h.data.tokens().unwrap();
+    let mut rows = Vec::new();
+    let mut clear = Vec::new();
+    for device in devices {
+        let new = tokens.generate(device);
+        rows.push((
+            NewDevice {
+                id: device.clone(),
+                owner: "line@example.com".into(),
+                site: "plant-1".into(),
+                model: Some("th-2".into()),
+                label: None,
+                created_by: "test".into(),
+            },
+            new.sealed,
+        ));
+        clear.push((device.clone(), new.token));
+    }
+    h.registry()
+        .import_batch(
+            &NewBatch {
+                id: id.into(),
+                owner: "line@example.com".into(),
+                site: "plant-1".into(),
+                model: Some("th-2".into()),
+                created_by: "test".into(),
+            },
+            &rows,
+            now(),
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    clear
+}
+
+fn relay_options(h: &Harness, credentials: &StationCredentials) -> RelayOptions {
+    RelayOptions {
+        broker: h.broker(),
+        station_id: credentials.id.clone(),
+        root_pem: credentials.root_pem.clone().into_bytes(),
+        certificate_pem: credentials.certificate_pem.clone().into_bytes(),
+        key_pem: credentials.key_pem.clone().into_bytes(),
+    }
+}
+
+async fn station(h: &Harness, id: &str, batches: &[&str]) -> StationCredentials {
+    let batches: Vec<String> = batches.iter().map(|b| (*b).to_owned()).collect();
+    add_station(
+        &h.data,
+        h.registry(),
+        id,
+        &batches,
+        Duration::from_secs(86_400),
+        "cli:test",
+        now(),
+    )
+    .await
+    .unwrap()
+}
+
+fn tokens_file(dir: &std::path::Path, tokens: &[(String, String)]) -> std::path::PathBuf {
+    let path = dir.join("batch.tokens.csv");
+    let mut text = String::from("id,token\n");
+    for (id, token) in tokens {
+        text.push_str(&format!("{id},{token}\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn a_station_enrolls_a_batch_and_fails_bad_units(db: TestDatabase) {
+    let Some(h) = Harness::start(db).await else {
+        return;
+    };
+    let ids: Vec<String> = (0..GOOD + 2).map(|i| format!("unit-{i:03}")).collect();
+    let tokens = import(&h, "line-a", &ids).await;
+    let credentials = station(&h, "st-1", &["line-a"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = TokenPool::open(&tokens_file(dir.path(), &tokens), None).unwrap();
+    let relay = Relay::connect(&relay_options(&h, &credentials), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let station = Arc::new(Station {
+        relay,
+        pool,
+        unit_timeout: Duration::from_secs(8),
+        hello_interval: Duration::from_millis(250),
+        reply_timeout: Duration::from_secs(8),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fixture = listener.local_addr().unwrap();
+    let reports = Arc::new(Mutex::new(Vec::<UnitReport>::new()));
+    let line = {
+        let station = station.clone();
+        let reports = reports.clone();
+        tokio::spawn(async move {
+            let record = |unit: &UnitReport| reports.lock().unwrap().push(unit.clone());
+            run(
+                station,
+                Fixtures::Listen {
+                    listener,
+                    parallel: 6,
+                },
+                GOOD + 2,
+                &record,
+            )
+            .await
+        })
+    };
+
+    let root_pem = std::fs::read(h.root_ca()).unwrap();
+    let mut devices = tokio::task::JoinSet::new();
+    for i in 0..GOOD + 2 {
+        let mut options = LineDeviceOptions::new(root_pem.clone());
+        options.timeout = Duration::from_secs(60);
+        options.behaviour = match i {
+            3 => Behaviour::Garbage,
+            11 => Behaviour::Silent,
+            _ => Behaviour::Normal,
+        };
+        devices.spawn(async move {
+            let line = tokio::net::TcpStream::connect(fixture).await.unwrap();
+            (options.behaviour, run_line_device(line, &options).await)
+        });
+    }
+    let mut enrolled = Vec::new();
+    while let Some(joined) = devices.join_next().await {
+        match joined.unwrap() {
+            (Behaviour::Normal, result) => enrolled.push(result.unwrap()),
+            (_, result) => assert!(
+                matches!(result, Err(SimError::Internal(_))),
+                "a misbehaving device ends when the station drops it: {result:?}"
+            ),
+        }
+    }
+    let summary = line.await.unwrap();
+    assert_eq!(summary.passed, GOOD, "{summary}");
+    assert_eq!(summary.failed, 2, "{summary}");
+
+    // The two bad units are reported with what went wrong.
+    let reports = reports.lock().unwrap().clone();
+    let failures: Vec<String> = reports
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            UnitOutcome::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 2);
+    assert!(
+        failures.iter().all(|f| f.contains("no hello_ack")),
+        "{failures:?}"
+    );
+    assert!(
+        failures.iter().any(|f| f.contains("undecodable frame")),
+        "the garbage is named: {failures:?}"
+    );
+
+    // Every enrolled device: the registry holds exactly its certificate, the
+    // device is active, and the station is recorded as its enroller.
+    assert_eq!(enrolled.len(), GOOD);
+    for result in &enrolled {
+        let record = h
+            .registry()
+            .certificate(&result.serial)
+            .await
+            .unwrap()
+            .expect("the certificate is recorded");
+        assert_eq!(record.der, result.certificate);
+        let device = h
+            .registry()
+            .device(&record.device_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(device.status, DeviceStatus::Active);
+        let by = h.registry().enrolled_by(&record.device_id).await.unwrap();
+        assert_eq!(by.len(), 1);
+        assert_eq!(by[0].station_id, "st-1");
+        assert_eq!(by[0].serial, result.serial);
+        let trail = h.registry().audit_trail(&record.device_id).await.unwrap();
+        assert!(
+            trail
+                .iter()
+                .any(|a| a.action == "enroll" && a.outcome == "ok" && a.actor == "station:st-1"),
+            "{trail:?}"
+        );
+        let passed = reports
+            .iter()
+            .find(|r| r.device_id.as_deref() == Some(record.device_id.as_str()))
+            .unwrap();
+        assert_eq!(
+            passed.outcome,
+            UnitOutcome::Passed {
+                serial: result.serial.clone()
+            }
+        );
+    }
+    let station_row = h.registry().station("st-1").await.unwrap().unwrap();
+    assert_eq!(station_row.enrolled, GOOD as i64);
+    // The ids the bad units were given stay pending (their tokens unused).
+    let batch = h.registry().batch("line-a").await.unwrap().unwrap();
+    assert_eq!(batch.enrolled, GOOD as i64);
+    if let Ok(station) = Arc::try_unwrap(station) {
+        station.relay.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_is_refused_devices_outside_its_batches_and_once_revoked() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    import(&h, "mine", &["mine-1".to_owned()]).await;
+    let theirs = import(&h, "theirs", &["theirs-1".to_owned()]).await;
+    let credentials = station(&h, "st-2", &["mine"]).await;
+    let options = relay_options(&h, &credentials);
+    let relay = Relay::connect(&options, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // A well-formed request with the right token, for a device of another
+    // batch: refused like an unknown device, and nothing is issued.
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let (id, token) = &theirs[0];
+    let proof = enrollment_proof(token.as_bytes(), &csr);
+    let payload = encode_enroll(
+        Format::Cbor,
+        &EnrollRequest {
+            rid: "0123456789abcdef",
+            csr: &csr,
+            proof: &proof,
+        },
+    );
+    let (reply, answer) = relay
+        .enroll(id, Format::Cbor, &payload, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(reply, Reply::Rejected);
+    let rejected = decode_rejected(Format::Cbor, &answer).unwrap();
+    assert_eq!(rejected.code, "unknown_device");
+    assert_eq!(h.registry().certificate_count(id).await.unwrap(), 0);
+    let device = h.registry().device(id).await.unwrap().unwrap();
+    assert_eq!(device.status, DeviceStatus::Pending);
+
+    // Revoked: the CRL lists it and a new handshake is refused.
+    let serials = h
+        .registry()
+        .revoke_station("st-2", "keyCompromise", "cli:test", now())
+        .await
+        .unwrap();
+    assert_eq!(serials, vec![credentials.serial.clone()]);
+    let target = h.registry().revocation_epoch().await.unwrap();
+    let mut applied = h.gateway.revocation();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        applied.wait_for(|s| s.epoch >= target),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        h.gateway
+            .revocation()
+            .borrow()
+            .revoked
+            .contains(&credentials.serial)
+    );
+    match Relay::connect(&options, Duration::from_secs(10)).await {
+        Err(RelayError::Connect(reason)) => {
+            assert!(!reason.is_empty());
+        }
+        other => panic!("a revoked station must be refused: {other:?}"),
+    }
+    let row = h.registry().station("st-2").await.unwrap().unwrap();
+    assert_eq!(row.status.as_str(), "revoked");
+    relay.close().await;
+}
