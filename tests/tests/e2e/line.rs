@@ -15,8 +15,9 @@ use idgate_gateway::line::station::{Fixtures, Station, UnitOutcome, UnitReport, 
 use idgate_gateway::line::tokens::TokenPool;
 use idgate_gateway::registry::{DeviceStatus, NewBatch, NewDevice, now};
 use idgate_gateway::testing::TestDatabase;
-use idgate_pki::protocol::{EnrollRequest, Format, Reply, enrollment_proof};
-use idgate_pki::wire::{decode_rejected, encode_enroll};
+use idgate_pki::link::{self, Frame};
+use idgate_pki::protocol::{EnrollRequest, Format, Issued, Op, Reply, enrollment_proof};
+use idgate_pki::wire::{decode_rejected, encode_enroll, encode_issued};
 use idgate_sim::{Behaviour, LineDeviceOptions, SimError, run_line_device};
 use idgate_tests::Harness;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -225,6 +226,41 @@ async fn a_station_enrolls_a_batch_and_fails_bad_units(db: TestDatabase) {
                 serial: result.serial.clone()
             }
         );
+    }
+    // A real enrollment reply fits a link frame in either encoding, with room
+    // to spare (docs/protocol.md section 12.1 quotes these sizes).
+    let sample = &enrolled[0];
+    let mut chain = heapless::Vec::<&[u8], { idgate_pki::protocol::MAX_CHAIN }>::new();
+    for certificate in &sample.chain {
+        chain.push(certificate).unwrap();
+    }
+    let issued = Issued {
+        rid: &sample.rid,
+        certificate: &sample.certificate,
+        chain,
+        serial: &sample.serial,
+        not_before: sample.not_before,
+        not_after: sample.not_after,
+        time: sample.gateway_time,
+        renew_after: sample.renew_after,
+        renew_before: sample.renew_before,
+    };
+    for format in [Format::Cbor, Format::Json] {
+        let payload = encode_issued(format, &issued);
+        let frame = Frame::Reply {
+            op: Op::Enroll,
+            format,
+            outcome: Reply::Accepted,
+            payload: &payload,
+        };
+        eprintln!(
+            "enroll reply, {}: payload {} bytes, link body {} of {} bytes",
+            format.as_str(),
+            payload.len(),
+            frame.body_len(),
+            link::MAX_BODY
+        );
+        assert!(frame.body_len() <= link::MAX_BODY / 2);
     }
     let station_row = h.registry().station("st-1").await.unwrap().unwrap();
     assert_eq!(station_row.enrolled, GOOD as i64);
