@@ -48,6 +48,9 @@ pub struct UnitReport {
     pub agent_version: Option<String>,
     /// How it ended.
     pub outcome: UnitOutcome,
+    /// Requests relayed to the gateway (more than one: the device
+    /// retransmitted).
+    pub requests: usize,
     /// How long it took.
     pub elapsed: Duration,
 }
@@ -279,6 +282,7 @@ fn failed_before(fixture: &str, reason: String) -> UnitReport {
         device_id: None,
         agent_version: None,
         outcome: UnitOutcome::Failed { reason },
+        requests: 0,
         elapsed: Duration::ZERO,
     }
 }
@@ -455,6 +459,7 @@ pub async fn run_unit<T: AsyncRead + AsyncWrite + Unpin>(
         outcome: UnitOutcome::Failed {
             reason: String::new(),
         },
+        requests: 0,
         elapsed: Duration::ZERO,
     };
     let outcome = drive(
@@ -599,6 +604,7 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(
                     .await
                     .map_err(|e| format!("relaying the request: {e}"))?;
                 relayed += 1;
+                report.requests = relayed;
                 let frame = Frame::Reply {
                     op: Op::Enroll,
                     format,
@@ -625,6 +631,11 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(
             FromDevice::Done { serial } => return Ok(UnitOutcome::Passed { serial }),
             FromDevice::Failed { code, message } => {
                 return Err(format!("the device failed: {code}: {message}"));
+            }
+            // Answers to the Hellos repeated while the device was busy
+            // (booting, generating its key) arrive after the first one.
+            FromDevice::HelloAck { .. } if relayed == 0 => {
+                debug!("a late hello_ack; ignored");
             }
             FromDevice::HelloAck { .. } => {
                 return Err("the device restarted during its unit".into());

@@ -27,7 +27,7 @@ crate::on_both_backends!(a_station_enrolls_a_batch_and_fails_bad_units);
 const GOOD: usize = 20;
 
 /// Registers batch `id` with `devices` ids; returns `(id, token)` pairs.
-async fn import(h: &Harness, id: &str, devices: &[String]) -> Vec<(String, String)> {
+pub(crate) async fn import(h: &Harness, id: &str, devices: &[String]) -> Vec<(String, String)> {
     let tokens = h.data.tokens().unwrap();
     let mut rows = Vec::new();
     let mut clear = Vec::new();
@@ -64,7 +64,7 @@ async fn import(h: &Harness, id: &str, devices: &[String]) -> Vec<(String, Strin
     clear
 }
 
-fn relay_options(h: &Harness, credentials: &StationCredentials) -> RelayOptions {
+pub(crate) fn relay_options(h: &Harness, credentials: &StationCredentials) -> RelayOptions {
     RelayOptions {
         broker: h.broker(),
         station_id: credentials.id.clone(),
@@ -74,7 +74,7 @@ fn relay_options(h: &Harness, credentials: &StationCredentials) -> RelayOptions 
     }
 }
 
-async fn station(h: &Harness, id: &str, batches: &[&str]) -> StationCredentials {
+pub(crate) async fn station(h: &Harness, id: &str, batches: &[&str]) -> StationCredentials {
     let batches: Vec<String> = batches.iter().map(|b| (*b).to_owned()).collect();
     add_station(
         &h.data,
@@ -89,7 +89,10 @@ async fn station(h: &Harness, id: &str, batches: &[&str]) -> StationCredentials 
     .unwrap()
 }
 
-fn tokens_file(dir: &std::path::Path, tokens: &[(String, String)]) -> std::path::PathBuf {
+pub(crate) fn tokens_file(
+    dir: &std::path::Path,
+    tokens: &[(String, String)],
+) -> std::path::PathBuf {
     let path = dir.join("batch.tokens.csv");
     let mut text = String::from("id,token\n");
     for (id, token) in tokens {

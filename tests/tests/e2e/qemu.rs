@@ -1,6 +1,7 @@
 //! The firmware image on an emulated Cortex-M3: QEMU's `lm3s6965evb` boots
 //! the real agent image (`hardware/boards/lm3s6965evb`, release, `--locked`),
-//! its UART0 bridged to a TCP socket; a line station relays the line link
+//! its UART0 bridged to a TCP socket; the line station (`idgate line`'s
+//! library, with its station certificate) relays the line link
 //! (`idgate_pki::link`) to a real gateway over MQTT/TLS. The device generates
 //! its key from its DRBG, sends its CSR, checks the chain against the root
 //! pinned in its factory page, stores the credential in its A/B store and
@@ -18,14 +19,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idgate_board::factory::{FACTORY_PAGE, write_factory_page};
+use idgate_gateway::line::relay::Relay;
+use idgate_gateway::line::station::{Station, UnitOutcome, run_unit};
+use idgate_gateway::line::tokens::TokenPool;
 use idgate_gateway::registry::DeviceStatus;
 use idgate_gateway::testing::TestDatabase;
 use idgate_pki::ca::pem_certificates;
-use idgate_pki::link::{self, DeviceState, Frame};
-use idgate_pki::protocol::{Format, Issued, Op};
 use idgate_tests::Harness;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// Where the station writes the factory page in the LM3S6965's flash (memory.x).
 const FACTORY_ADDRESS: u32 = 0x0003_F000;
@@ -46,7 +47,8 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
 
     let harness = Harness::start(TestDatabase::Sqlite).await.unwrap();
     let device_id = "qemu-lm3s-0001";
-    let token = harness.add_device(device_id, "line-1").await;
+    let tokens = crate::line::import(&harness, "qemu-batch", &[device_id.to_owned()]).await;
+    let credentials = crate::line::station(&harness, "qemu-station", &["qemu-batch"]).await;
     let root_pem = std::fs::read_to_string(harness.root_ca()).unwrap();
     let root_der = pem_certificates(&root_pem).unwrap().remove(0);
 
@@ -69,8 +71,20 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
         .unwrap();
 
     let deadline = Instant::now() + SESSION;
-    let session = Station::new(line, &harness).run(device_id, &token);
-    let outcome = tokio::time::timeout(SESSION, session).await;
+    let relay = Relay::connect(
+        &crate::line::relay_options(&harness, &credentials),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let station = Station {
+        relay,
+        pool: TokenPool::open(&crate::line::tokens_file(dir.path(), &tokens), None).unwrap(),
+        unit_timeout: SESSION,
+        hello_interval: Duration::from_secs(2),
+        reply_timeout: Duration::from_secs(30),
+    };
+    let unit = run_unit(&station, line, "qemu uart0", false, None).await;
     let exit = tokio::task::spawn_blocking(move || {
         let status = qemu.wait_until(deadline);
         (status, qemu.output())
@@ -78,11 +92,11 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
     .await
     .unwrap();
     let (status, output) = exit;
-    let report = match outcome {
-        Ok(Ok(report)) => report,
-        Ok(Err(e)) => panic!("station: {e}\nQEMU output:\n{output}"),
-        Err(_) => panic!("no Done within {SESSION:?}\nQEMU output:\n{output}"),
+    let serial = match &unit.outcome {
+        UnitOutcome::Passed { serial } => serial.clone(),
+        other => panic!("station: {other:?}\nQEMU output:\n{output}"),
     };
+    assert_eq!(unit.device_id.as_deref(), Some(device_id));
     // The image reports through semihosting and exits 0 once enrolled.
     println!("device report:\n{output}");
     assert_eq!(status, Some(0), "QEMU exit status; output:\n{output}");
@@ -94,18 +108,22 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
     assert_eq!(device.status, DeviceStatus::Active);
     let recorded = harness.registry().certificates(device_id).await.unwrap();
     assert_eq!(recorded.len(), 1);
-    assert_eq!(recorded[0].serial, report.serial);
-    assert_eq!(recorded[0].der, report.certificate);
+    assert_eq!(recorded[0].serial, serial);
+    let certificate = recorded[0].der.clone();
+    // The creation chain names the station.
+    let by = harness.registry().enrolled_by(device_id).await.unwrap();
+    assert_eq!(by.len(), 1);
+    assert_eq!(by[0].station_id, "qemu-station");
+    let (_, chain) = harness.data.load_issuing_ca().unwrap();
 
     // It verifies to the CA (webpki, for client authentication) and names the device.
-    let end_entity = rustls::pki_types::CertificateDer::from(report.certificate.as_slice());
+    let end_entity = rustls::pki_types::CertificateDer::from(certificate.as_slice());
     let anchor = webpki::anchor_from_trusted_cert(&rustls::pki_types::CertificateDer::from(
         root_der.as_slice(),
     ))
     .unwrap()
     .to_owned();
-    let intermediates: Vec<_> = report
-        .chain
+    let intermediates: Vec<_> = chain
         .iter()
         .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
         .collect();
@@ -121,152 +139,13 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
             None,
         )
         .unwrap_or_else(|e| panic!("webpki refuses the device's chain: {e}"));
-    let (_, x509) = x509_parser::prelude::FromDer::from_der(report.certificate.as_slice()).unwrap();
+    let (_, x509) = x509_parser::prelude::FromDer::from_der(certificate.as_slice()).unwrap();
     let x509: x509_parser::certificate::X509Certificate<'_> = x509;
     let cn = x509.subject().iter_common_name().next().unwrap();
     assert_eq!(cn.as_str().unwrap(), device_id);
     // Without loss on the line, the first request got through.
-    assert_eq!(report.requests_relayed, 1);
-}
-
-/// What the station saw.
-struct StationReport {
-    serial: String,
-    certificate: Vec<u8>,
-    chain: Vec<Vec<u8>>,
-    requests_relayed: u32,
-}
-
-/// A frame from the device, copied out of the decoder.
-#[derive(Debug)]
-enum DeviceFrame {
-    HelloAck(DeviceState),
-    Request { format: Format, payload: Vec<u8> },
-    Done(String),
-    Failed(String),
-    Other(#[expect(dead_code, reason = "shown through Debug")] String),
-}
-
-impl From<Frame<'_>> for DeviceFrame {
-    fn from(frame: Frame<'_>) -> DeviceFrame {
-        match frame {
-            Frame::HelloAck { state, .. } => DeviceFrame::HelloAck(state),
-            Frame::Request {
-                op: Op::Enroll,
-                format,
-                payload,
-            } => DeviceFrame::Request {
-                format,
-                payload: payload.to_vec(),
-            },
-            Frame::Done { serial } => DeviceFrame::Done(serial.into()),
-            Frame::Failed { code, message } => DeviceFrame::Failed(format!("{code}: {message}")),
-            other => DeviceFrame::Other(format!("{other:?}")),
-        }
-    }
-}
-
-/// A minimal line station: one unit, relayed to the gateway over MQTT/TLS.
-struct Station<'h> {
-    line: TcpStream,
-    harness: &'h Harness,
-    decoder: link::Decoder<Vec<u8>>,
-    pending: Vec<u8>,
-}
-
-impl<'h> Station<'h> {
-    fn new(line: TcpStream, harness: &'h Harness) -> Station<'h> {
-        Station {
-            line,
-            harness,
-            decoder: link::Decoder::new(vec![0; link::MAX_BODY]),
-            pending: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, frame: &Frame<'_>) -> Result<(), String> {
-        let mut out = vec![0; link::MAX_FRAME];
-        let len = frame.encode(&mut out).map_err(|e| format!("encode: {e}"))?;
-        self.line
-            .write_all(&out[..len])
-            .await
-            .map_err(|e| format!("line write: {e}"))
-    }
-
-    /// The next frame from the device, skipping noise and damaged frames.
-    async fn receive(&mut self) -> Result<DeviceFrame, String> {
-        loop {
-            while !self.pending.is_empty() {
-                let byte = self.pending.remove(0);
-                match self.decoder.push(byte) {
-                    Some(Ok(frame)) => return Ok(DeviceFrame::from(frame)),
-                    Some(Err(e)) => eprintln!("station: damaged frame ignored: {e}"),
-                    None => {}
-                }
-            }
-            let mut buf = [0u8; 512];
-            let n = self
-                .line
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("line read: {e}"))?;
-            if n == 0 {
-                return Err("the device closed the line".into());
-            }
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    async fn run(mut self, device_id: &str, token: &str) -> Result<StationReport, String> {
-        self.send(&Frame::Hello).await?;
-        match self.receive().await? {
-            DeviceFrame::HelloAck(DeviceState::Blank) => {}
-            other => return Err(format!("expected a blank device's HelloAck, got {other:?}")),
-        }
-        self.send(&Frame::Provision {
-            device_id,
-            token: token.as_bytes(),
-        })
-        .await?;
-        let mut mqtt = self.harness.client("qemu-station").await;
-        let mut requests_relayed = 0;
-        let mut last_issued: Option<(Vec<u8>, Vec<Vec<u8>>)> = None;
-        loop {
-            match self.receive().await? {
-                DeviceFrame::Request { format, payload } => {
-                    requests_relayed += 1;
-                    let (outcome, reply) = mqtt.enroll(device_id, format, payload).await;
-                    if format == Format::Cbor
-                        && let Ok(issued) = Issued::decode_cbor(&reply)
-                    {
-                        last_issued = Some((
-                            issued.certificate.to_vec(),
-                            issued.chain.iter().map(|c| c.to_vec()).collect(),
-                        ));
-                    }
-                    self.send(&Frame::Reply {
-                        op: Op::Enroll,
-                        format,
-                        outcome,
-                        payload: &reply,
-                    })
-                    .await?;
-                }
-                DeviceFrame::Done(serial) => {
-                    let (certificate, chain) =
-                        last_issued.ok_or("Done before any certificate was relayed")?;
-                    return Ok(StationReport {
-                        serial,
-                        certificate,
-                        chain,
-                        requests_relayed,
-                    });
-                }
-                DeviceFrame::Failed(why) => return Err(format!("the device failed: {why}")),
-                other => return Err(format!("unexpected frame from the device: {other:?}")),
-            }
-        }
-    }
+    assert_eq!(unit.requests, 1);
+    station.relay.close().await;
 }
 
 /// A QEMU process, killed when dropped; its stdout/stderr collected.
