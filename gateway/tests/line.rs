@@ -1,0 +1,159 @@
+//! `idgate station …` and `idgate line` as a line operator runs them, against
+//! a running gateway: a station registered for a batch enrolls a simulated
+//! device (the real agent, over TCP standing in for its serial port) and
+//! exits 0; a silent unit makes it exit 1 with the reason; once revoked, the
+//! station cannot connect.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use idgate_gateway::datadir::DataDir;
+use idgate_gateway::gateway::{Gateway, Settings};
+use idgate_sim::{Behaviour, LineDeviceOptions, run_line_device};
+
+fn idgate(data: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idgate"));
+    command.arg("--data").arg(data).env("IDGATE_LOG", "warn");
+    command
+}
+
+async fn run(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.output().expect("run idgate"))
+        .await
+        .expect("join")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A fixture with one simulated device behaving as `behaviour`; its address.
+async fn fixture(root_pem: Vec<u8>, behaviour: Behaviour) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    tokio::spawn(async move {
+        let (line, _) = listener.accept().await.expect("accept");
+        let mut options = LineDeviceOptions::new(root_pem);
+        options.behaviour = behaviour;
+        options.timeout = Duration::from_secs(60);
+        let _ = run_line_device(line, &options).await;
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn station_commands_and_exit_status() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data_path = dir.path().join("data");
+    let data = DataDir::new(&data_path);
+    let mut settings = Settings::new(data.clone());
+    settings.mqtt_listen = "127.0.0.1:0".parse().expect("address");
+    settings.http_listen = "127.0.0.1:0".parse().expect("address");
+    settings.admin.listen = "127.0.0.1:0".parse().expect("address");
+    let gateway = Gateway::start(settings).await.expect("gateway starts");
+    let broker = format!("127.0.0.1:{}", gateway.mqtt_address().port());
+    let root_pem = std::fs::read(data.root_certificate()).expect("root");
+
+    let csv = dir.path().join("b1.csv");
+    std::fs::write(&csv, "id\ncli-1\ncli-2\n").expect("csv");
+    let mut import = idgate(&data_path);
+    import.args(["batch", "import"]).arg(&csv).args([
+        "--owner",
+        "line@example.com",
+        "--site",
+        "plant-1",
+        "--batch",
+        "b1",
+    ]);
+    let imported = run(import).await;
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+
+    // A station for a batch that does not exist is refused.
+    let station_dir = dir.path().join("station-fx");
+    let mut bad = idgate(&data_path);
+    bad.args(["station", "add", "fx", "--batch", "nope", "--out"])
+        .arg(&station_dir);
+    let refused = run(bad).await;
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("no batch `nope`"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let mut add = idgate(&data_path);
+    add.args(["station", "add", "fx", "--batch", "b1", "--out"])
+        .arg(&station_dir);
+    let added = run(add).await;
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    let mode = std::fs::metadata(station_dir.join("station.key"))
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let line = |address: &str, timeout: &str| {
+        let mut command = idgate(&data_path);
+        command
+            .args(["line", "--broker", &broker, "--station-dir"])
+            .arg(&station_dir)
+            .arg("--tokens")
+            .arg(dir.path().join("b1.tokens.csv"))
+            .args(["--tcp", address, "--units", "1", "--unit-timeout", timeout]);
+        command
+    };
+
+    // One good unit: exit 0, the summary on stdout, the unit on stderr.
+    let good = fixture(root_pem.clone(), Behaviour::Normal).await;
+    let passed = run(line(&good, "20")).await;
+    let (out, err) = (text(&passed.stdout), text(&passed.stderr));
+    assert!(passed.status.success(), "{out}\n{err}");
+    assert!(out.contains("1 unit(s): 1 passed, 0 failed"), "{out}");
+    assert!(err.contains("PASS cli-1"), "{err}");
+
+    let mut show = idgate(&data_path);
+    show.args(["device", "show", "cli-1"]);
+    let shown = run(show).await;
+    assert!(
+        text(&shown.stdout).contains("enrolled by line station fx"),
+        "{}",
+        text(&shown.stdout)
+    );
+
+    // A silent unit: exit 1, the reason reported, the next id not wasted
+    // silently (the journal has it).
+    let silent = fixture(root_pem.clone(), Behaviour::Silent).await;
+    let failed = run(line(&silent, "2")).await;
+    let (out, err) = (text(&failed.stdout), text(&failed.stderr));
+    assert_eq!(failed.status.code(), Some(1), "{out}\n{err}");
+    assert!(out.contains("1 unit(s): 0 passed, 1 failed"), "{out}");
+    assert!(err.contains("no hello_ack within 2s"), "{err}");
+
+    // Revoked: the station is refused at the handshake.
+    let mut revoke = idgate(&data_path);
+    revoke.args(["station", "revoke", "fx", "--reason", "compromised"]);
+    let revoked = run(revoke).await;
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let target = gateway.registry().revocation_epoch().await.expect("epoch");
+    let mut applied = gateway.revocation();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        applied.wait_for(|s| s.epoch >= target),
+    )
+    .await
+    .expect("revocation applied in time")
+    .expect("gateway running");
+    let unused = fixture(root_pem, Behaviour::Normal).await;
+    let refused = run(line(&unused, "20")).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("connecting to the gateway"),
+        "{}",
+        text(&refused.stderr)
+    );
+    gateway.shutdown().await;
+}
