@@ -533,3 +533,700 @@ async fn user_add_refuses_weak_passwords_and_duplicates() {
     assert!(data.exists());
     admin.gateway.shutdown().await;
 }
+
+/// A gateway with an admin, an operator and a viewer logged in, and an
+/// operator API token.
+struct Staff {
+    admin: Admin,
+    boss: (reqwest::Client, String),
+    operator: (reqwest::Client, String),
+    viewer: (reqwest::Client, String),
+    token: String,
+}
+
+impl Staff {
+    async fn start() -> Staff {
+        let admin = Admin::start().await;
+        admin.add_user("boss", "admin", PASSWORD);
+        admin.add_user("olga", "operator", PASSWORD);
+        admin.add_user("vera", "viewer", PASSWORD);
+        let token = admin.create_token("station-3", "operator");
+        Staff {
+            boss: admin.log_in("boss", PASSWORD).await,
+            operator: admin.log_in("olga", PASSWORD).await,
+            viewer: admin.log_in("vera", PASSWORD).await,
+            token,
+            admin,
+        }
+    }
+
+    /// A cookie-authenticated change with the session's CSRF token.
+    async fn send(
+        &self,
+        who: &(reqwest::Client, String),
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut request = who
+            .0
+            .request(method, self.admin.url(path))
+            .header("X-CSRF-Token", &who.1);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("request")
+    }
+
+    async fn get(&self, who: &(reqwest::Client, String), path: &str) -> reqwest::Response {
+        who.0
+            .get(self.admin.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+}
+
+async fn ok_json(response: reqwest::Response, status: StatusCode) -> Value {
+    let got = response.status();
+    let text = response.text().await.expect("body");
+    assert_eq!(got, status, "{text}");
+    serde_json::from_str(&text).expect("JSON body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_decide_who_may_change_devices() {
+    let staff = Staff::start().await;
+    let post = reqwest::Method::POST;
+    let new_device = json!({ "id": "sensor-1", "owner": "fm@example.com", "site": "hq-2f" });
+
+    // Only an admin registers devices; the token comes back once.
+    for who in [&staff.viewer, &staff.operator] {
+        let response = staff
+            .send(
+                who,
+                post.clone(),
+                "/api/v1/devices",
+                Some(new_device.clone()),
+            )
+            .await;
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::FORBIDDEN, "forbidden".into())
+        );
+    }
+    let added = ok_json(
+        staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/devices",
+                Some(new_device.clone()),
+            )
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(added["device"]["status"], "pending");
+    assert_eq!(added["device"]["created_by"], "user:boss");
+    let token = added["token"].as_str().expect("token").to_owned();
+    let response = staff
+        .send(
+            &staff.boss,
+            post.clone(),
+            "/api/v1/devices",
+            Some(new_device),
+        )
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::CONFLICT, "device_exists".into())
+    );
+
+    // The device enrolls over MQTT, so it has a certificate to revoke.
+    let root_pem = std::fs::read(staff.admin.data.root_certificate()).unwrap();
+    let enrolled = idgate_sim::enroll(&idgate_sim::EnrollOptions::new(
+        format!("127.0.0.1:{}", staff.admin.gateway.mqtt_address().port()),
+        root_pem,
+        "sensor-1",
+        token,
+    ))
+    .await
+    .expect("enrollment");
+
+    // A viewer reads but cannot revoke, suspend or edit.
+    let shown = ok_json(
+        staff.get(&staff.viewer, "/api/v1/devices/sensor-1").await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(shown["device"]["status"], "active");
+    assert_eq!(shown["certificates"][0]["serial"], enrolled.serial.as_str());
+    assert_eq!(shown["certificates"][0]["state"], "valid");
+    for (method, path, body) in [
+        (
+            post.clone(),
+            "/api/v1/devices/sensor-1/revoke",
+            Some(json!({ "reason": "lost" })),
+        ),
+        (post.clone(), "/api/v1/devices/sensor-1/suspend", None),
+        (post.clone(), "/api/v1/devices/sensor-1/retire", None),
+        (
+            reqwest::Method::PATCH,
+            "/api/v1/devices/sensor-1",
+            Some(json!({ "site": "elsewhere" })),
+        ),
+    ] {
+        let response = staff.send(&staff.viewer, method, path, body).await;
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::FORBIDDEN, "forbidden".into()),
+            "{path}"
+        );
+    }
+
+    // A cookie-authenticated revoke without the CSRF token changes nothing.
+    let response = staff
+        .operator
+        .0
+        .post(staff.admin.url("/api/v1/devices/sensor-1/revoke"))
+        .json(&json!({ "reason": "lost" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::FORBIDDEN, "csrf".into())
+    );
+
+    // The operator suspends and resumes; a bad reason and an unknown device
+    // are refused; then the line station's token revokes (no CSRF token).
+    let suspended = ok_json(
+        staff
+            .send(
+                &staff.operator,
+                post.clone(),
+                "/api/v1/devices/sensor-1/suspend",
+                None,
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(suspended["device"]["status"], "suspended");
+    assert_eq!(suspended["certificates"], json!([enrolled.serial]));
+    let on_hold = ok_json(
+        staff
+            .get(
+                &staff.viewer,
+                &format!("/api/v1/certificates/{}", enrolled.serial),
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(on_hold["state"], "on_hold");
+    assert!(
+        on_hold["pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    ok_json(
+        staff
+            .send(
+                &staff.operator,
+                post.clone(),
+                "/api/v1/devices/sensor-1/resume",
+                None,
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let response = staff
+        .send(
+            &staff.operator,
+            post.clone(),
+            "/api/v1/devices/sensor-1/revoke",
+            Some(json!({ "reason": "misplaced" })),
+        )
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::BAD_REQUEST, "invalid_reason".into())
+    );
+    let response = staff
+        .send(
+            &staff.operator,
+            post.clone(),
+            "/api/v1/devices/no-such-sensor/revoke",
+            Some(json!({ "reason": "lost" })),
+        )
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    let revoked: Value = ok_json(
+        staff
+            .operator
+            .0
+            .post(staff.admin.url("/api/v1/devices/sensor-1/revoke"))
+            .bearer_auth(&staff.token)
+            .json(&json!({ "reason": "lost" }))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(revoked["device"]["status"], "revoked");
+    let response = staff
+        .send(
+            &staff.operator,
+            post.clone(),
+            "/api/v1/devices/sensor-1/suspend",
+            None,
+        )
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::CONFLICT, "invalid_transition".into())
+    );
+    let certificate = ok_json(
+        staff
+            .get(
+                &staff.viewer,
+                &format!("/api/v1/certificates/{}", enrolled.serial.to_uppercase()),
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&certificate["state"], &certificate["revocation_reason"]),
+        (&json!("revoked"), &json!("keyCompromise"))
+    );
+
+    // Every change is in the audit trail under the name of who made it.
+    let trail = ok_json(
+        staff
+            .get(&staff.viewer, "/api/v1/devices/sensor-1/audit")
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let actions: Vec<(String, String)> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["outcome"] == "ok")
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        actions,
+        [
+            expect("device.add", "user:boss"),
+            expect("enroll", "device:sensor-1"),
+            expect("device.suspend", "user:olga"),
+            expect("device.resume", "user:olga"),
+            expect("device.revoke", "token:station-3"),
+        ]
+    );
+    staff.admin.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_paging_and_bad_input() {
+    let staff = Staff::start().await;
+    let post = reqwest::Method::POST;
+    let script_owner = "<script>alert(1)</script>@example.com";
+    let script_site = "<img src=x onerror=alert(1)> & \"hall\"";
+    for (id, site) in [
+        ("a-1", "hq"),
+        ("a-2", "hq"),
+        ("a-3", "lab"),
+        ("x-1", script_site),
+    ] {
+        let owner = if id == "x-1" {
+            script_owner
+        } else {
+            "fm@example.com"
+        };
+        ok_json(
+            staff
+                .send(
+                    &staff.boss,
+                    post.clone(),
+                    "/api/v1/devices",
+                    Some(json!({ "id": id, "owner": owner, "site": site, "model": "th-1" })),
+                )
+                .await,
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+
+    // Script in owner and site is data: it comes back exactly, as JSON.
+    let response = staff.get(&staff.viewer, "/api/v1/devices/x-1").await;
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let shown = ok_json(response, StatusCode::OK).await;
+    assert_eq!(shown["device"]["owner"], script_owner);
+    assert_eq!(shown["device"]["site"], script_site);
+    let edited = ok_json(
+        staff
+            .send(
+                &staff.operator,
+                reqwest::Method::PATCH,
+                "/api/v1/devices/a-3",
+                Some(json!({ "site": "</script><b>lab</b>", "label": "Room 1 <i>" })),
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(edited["device"]["site"], "</script><b>lab</b>");
+    assert_eq!(edited["device"]["label"], "Room 1 <i>");
+    let found = ok_json(
+        staff
+            .viewer
+            .0
+            .get(staff.admin.url("/api/v1/devices"))
+            .query(&[("owner", script_owner)])
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(found["devices"][0]["id"], "x-1");
+    assert_eq!(found["total"], 1);
+
+    // Filters and cursor paging.
+    let page = ok_json(
+        staff
+            .get(
+                &staff.viewer,
+                "/api/v1/devices?site=hq&model=th-1&status=pending&limit=1",
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&page["devices"][0]["id"], &page["total"], &page["next"]),
+        (&json!("a-1"), &json!(2), &json!("a-1"))
+    );
+    let page = ok_json(
+        staff
+            .get(&staff.viewer, "/api/v1/devices?site=hq&limit=1&after=a-1")
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&page["devices"][0]["id"], &page["next"]),
+        (&json!("a-2"), &Value::Null)
+    );
+    let page = ok_json(
+        staff.get(&staff.viewer, "/api/v1/devices?q=ROOM%201").await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(page["devices"][0]["id"], "a-3");
+
+    // Huge, zero and malformed page sizes, unknown parameters and statuses.
+    for (query, code) in [
+        ("limit=1000000", "invalid_page_size"),
+        ("limit=201", "invalid_page_size"),
+        ("limit=0", "invalid_page_size"),
+        ("limit=-1", "invalid_request"),
+        ("limit=lots", "invalid_request"),
+        ("limit=99999999999999999999999", "invalid_request"),
+        ("colour=red", "invalid_request"),
+        ("status=lost", "invalid_status"),
+    ] {
+        let response = staff
+            .get(&staff.viewer, &format!("/api/v1/devices?{query}"))
+            .await;
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::BAD_REQUEST, code.into()),
+            "{query}"
+        );
+    }
+    let response = staff.get(&staff.viewer, "/api/v1/audit?limit=100000").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    // Bad bodies.
+    for (body, code) in [
+        (
+            json!({ "id": "bad id!", "owner": "fm@example.com", "site": "hq" }),
+            "invalid_device_id",
+        ),
+        (
+            json!({ "id": "ok-1", "owner": "not an email", "site": "hq" }),
+            "invalid_owner",
+        ),
+        (
+            json!({ "id": "ok-1", "owner": "fm@example.com", "site": "" }),
+            "invalid_site",
+        ),
+        (
+            json!({ "id": "ok-1", "owner": "fm@example.com" }),
+            "invalid_request",
+        ),
+        (
+            json!({ "id": "ok-1", "owner": "fm@example.com", "site": "hq", "extra": 1 }),
+            "invalid_request",
+        ),
+        (json!(["not", "an", "object"]), "invalid_request"),
+    ] {
+        let response = staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/devices",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::BAD_REQUEST, code.into()),
+            "{body}"
+        );
+    }
+    let response = staff
+        .boss
+        .0
+        .post(staff.admin.url("/api/v1/devices"))
+        .header("X-CSRF-Token", &staff.boss.1)
+        .header("Content-Type", "application/json")
+        .body("{\"id\": \"ok-1\", \u{0}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::BAD_REQUEST, "invalid_request".into())
+    );
+
+    // Unknown ids and routes.
+    for path in [
+        "/api/v1/devices/no-such-device",
+        "/api/v1/devices/no-such-device/certificates",
+        "/api/v1/devices/no-such-device/audit",
+        "/api/v1/certificates/00ff",
+        "/api/v1/batches/no-such-batch",
+        "/api/v1/no-such-route",
+        "/api/v2/devices",
+    ] {
+        let response = staff.get(&staff.boss, path).await;
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::NOT_FOUND, "not_found".into()),
+            "{path}"
+        );
+    }
+    let response = staff
+        .send(
+            &staff.boss,
+            post.clone(),
+            "/api/v1/accounts/nobody/disable",
+            None,
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // The audit log pages backwards in time.
+    let first = ok_json(
+        staff.get(&staff.viewer, "/api/v1/audit?limit=2").await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(first["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(first["entries"][0]["action"], "device.update");
+    let next = first["next"].as_str().unwrap();
+    let second = ok_json(
+        staff
+            .get(
+                &staff.viewer,
+                &format!("/api/v1/audit?limit=2&before={next}"),
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(second["entries"][0]["id"].as_str().unwrap() < next);
+    staff.admin.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_tokens_ca_and_openapi() {
+    let staff = Staff::start().await;
+    let post = reqwest::Method::POST;
+
+    // Accounts and tokens are the admin's.
+    for path in ["/api/v1/accounts", "/api/v1/tokens"] {
+        let response = staff.get(&staff.operator, path).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    let response = staff
+        .send(
+            &staff.boss,
+            post.clone(),
+            "/api/v1/accounts",
+            Some(json!({ "name": "nina", "role": "viewer", "password": "short" })),
+        )
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::BAD_REQUEST, "weak_password".into())
+    );
+    let created = ok_json(
+        staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/accounts",
+                Some(json!({ "name": "nina", "role": "viewer", "password": PASSWORD })),
+            )
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(created["account"]["role"], "viewer");
+    assert!(created["account"].get("password_hash").is_none());
+    let nina = staff.admin.log_in("nina", PASSWORD).await;
+    ok_json(
+        staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/accounts/nina/disable",
+                None,
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let response = nina
+        .0
+        .get(staff.admin.url("/api/v1/me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    let made = ok_json(
+        staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/tokens",
+                Some(json!({ "name": "script-1", "role": "viewer", "expires_in_days": 30 })),
+            )
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let script_token = made["token"].as_str().unwrap().to_owned();
+    let listed = ok_json(
+        staff.get(&staff.boss, "/api/v1/tokens").await,
+        StatusCode::OK,
+    )
+    .await;
+    let names: Vec<&str> = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["script-1", "station-3"]);
+    assert!(!listed.to_string().contains(&script_token));
+    let me = ok_json(
+        staff
+            .viewer
+            .0
+            .get(staff.admin.url("/api/v1/me"))
+            .bearer_auth(&script_token)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(me["name"], "script-1");
+    let response = staff
+        .send(
+            &staff.boss,
+            post.clone(),
+            "/api/v1/tokens/script-1/revoke",
+            None,
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    // CA information.
+    let ca = ok_json(staff.get(&staff.viewer, "/api/v1/ca").await, StatusCode::OK).await;
+    assert_eq!(ca["issuing"]["path_length"], 0);
+    assert_eq!(ca["issuing"]["issuer"], ca["root"]["subject"]);
+    assert_eq!(
+        ca["root_pem"].as_str().unwrap(),
+        std::fs::read_to_string(staff.admin.data.root_certificate()).unwrap()
+    );
+    assert_eq!(ca["crl"]["path"], "/crl");
+
+    // The OpenAPI document is public, and every operation it lists is served.
+    let response = staff
+        .admin
+        .client()
+        .get(staff.admin.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    let document = ok_json(response, StatusCode::OK).await;
+    assert_eq!(
+        document,
+        serde_json::from_str::<Value>(idgate_gateway::api::OPENAPI).unwrap()
+    );
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|m| *m != "parameters")
+        {
+            let concrete = path
+                .replace("{id}", "unknown-x")
+                .replace("{serial}", "00")
+                .replace("{name}", "unknown-x");
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = staff
+                .boss
+                .0
+                .request(method.clone(), staff.admin.url(&concrete))
+                .bearer_auth(&staff.token)
+                .header("Content-Type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            let body = response.text().await.unwrap();
+            assert!(
+                !body.contains("no such API route"),
+                "{method} {path}: {body}"
+            );
+        }
+    }
+    staff.admin.gateway.shutdown().await;
+}

@@ -37,7 +37,7 @@ pub struct AdminSettings {
 impl Default for AdminSettings {
     /// 127.0.0.1:8443; sessions of 12 h ending after 1 h idle; 5 failed
     /// logins per account and 20 per address in 15 minutes; pages of 50,
-    /// at most 500.
+    /// at most 200.
     fn default() -> Self {
         AdminSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
@@ -46,7 +46,7 @@ impl Default for AdminSettings {
             login_window: Duration::from_secs(15 * 60),
             max_failures_per_account: 5,
             max_failures_per_client: 20,
-            max_page_size: 500,
+            max_page_size: 200,
             default_page_size: 50,
         }
     }

@@ -14,11 +14,13 @@ use tokio::sync::Mutex;
 
 mod accounts;
 mod batches;
+mod devices;
 pub use accounts::{
     Account, AccountError, ApiToken, NewApiToken, NewSession, Role, SessionRecord,
     check_account_name,
 };
 pub use batches::{BatchError, BatchSummary, NewBatch};
+pub use devices::{DeviceEdit, DeviceListFilter, DeviceListPage};
 pub mod console;
 mod stations;
 pub use stations::{
