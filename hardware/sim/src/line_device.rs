@@ -42,6 +42,9 @@ pub struct LineDeviceOptions {
     pub retry: RetryPolicy,
     /// Give up after this long.
     pub timeout: Duration,
+    /// The id and token the device already holds (a unit coming back after
+    /// a failed attempt): it reports `provisioned` instead of `blank`.
+    pub provisioned: Option<(String, String)>,
 }
 
 impl LineDeviceOptions {
@@ -52,6 +55,7 @@ impl LineDeviceOptions {
             behaviour: Behaviour::Normal,
             retry: RetryPolicy::DEFAULT,
             timeout: Duration::from_secs(60),
+            provisioned: None,
         }
     }
 }
@@ -62,6 +66,7 @@ impl std::fmt::Debug for LineDeviceOptions {
             .field("behaviour", &self.behaviour)
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
+            .field("provisioned", &self.provisioned.as_ref().map(|(id, _)| id))
             .finish_non_exhaustive()
     }
 }
@@ -132,7 +137,7 @@ impl<'o, T: AsyncRead + AsyncWrite + Unpin> Device<'o, T> {
             roots: crate::tls::pinned_roots(&options.ca_pem)?,
             decoder: Decoder::new(vec![0u8; link::MAX_BODY]),
             clock: Instant::now(),
-            identity: None,
+            identity: options.provisioned.clone(),
             agent: None,
         })
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use idgate_gateway::line::admin::{StationCredentials, add_station};
 use idgate_gateway::line::relay::{Relay, RelayError, RelayOptions};
-use idgate_gateway::line::station::{Fixtures, Station, UnitOutcome, UnitReport, run};
+use idgate_gateway::line::station::{Fixtures, Station, UnitOutcome, UnitReport, run, run_unit};
 use idgate_gateway::line::tokens::TokenPool;
 use idgate_gateway::registry::{DeviceStatus, NewBatch, NewDevice, now};
 use idgate_gateway::testing::TestDatabase;
@@ -348,4 +348,71 @@ async fn a_station_is_refused_devices_outside_its_batches_and_once_revoked() {
     let row = h.registry().station("st-2").await.unwrap().unwrap();
     assert_eq!(row.status.as_str(), "revoked");
     relay.close().await;
+}
+
+/// A unit whose earlier attempt failed after it was given its id comes back
+/// `provisioned`: it gets its own token again, while a blank unit gets the
+/// next id the journal says no device has had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_unit_keeps_its_id_and_the_journal_skips_it() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let ids = ["ret-1".to_owned(), "ret-2".to_owned(), "ret-3".to_owned()];
+    let tokens = import(&h, "ret", &ids).await;
+    let credentials = station(&h, "st-3", &["ret"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens_path = tokens_file(dir.path(), &tokens);
+    // A previous run gave ret-1 to a unit that failed.
+    let mut journal = tokens_path.as_os_str().to_owned();
+    journal.push(".journal");
+    std::fs::write(&journal, "assigned,ret-1\nfail,ret-1,timed out\n").unwrap();
+    let pool = TokenPool::open(&tokens_path, None).unwrap();
+    assert_eq!(pool.remaining(), 2);
+    let relay = Relay::connect(&relay_options(&h, &credentials), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let station = Station {
+        relay,
+        pool,
+        unit_timeout: Duration::from_secs(20),
+        hello_interval: Duration::from_millis(250),
+        reply_timeout: Duration::from_secs(10),
+    };
+    let root_pem = std::fs::read(h.root_ca()).unwrap();
+    for provisioned in [Some(tokens[0].clone()), None] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut options = LineDeviceOptions::new(root_pem.clone());
+        options.provisioned = provisioned.clone();
+        let device = tokio::spawn(async move {
+            let line = tokio::net::TcpStream::connect(address).await.unwrap();
+            run_line_device(line, &options).await
+        });
+        let (line, _) = listener.accept().await.unwrap();
+        let unit = run_unit(&station, line, "test", false, None).await;
+        let enrolled = device.await.unwrap().unwrap();
+        let expected = if provisioned.is_some() {
+            "ret-1"
+        } else {
+            "ret-2"
+        };
+        assert_eq!(unit.device_id.as_deref(), Some(expected));
+        assert_eq!(
+            unit.outcome,
+            UnitOutcome::Passed {
+                serial: enrolled.serial.clone()
+            }
+        );
+        let record = h
+            .registry()
+            .certificate(&enrolled.serial)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.device_id, expected);
+    }
+    assert_eq!(station.pool.remaining(), 1);
+    let journal = std::fs::read_to_string(&journal).unwrap();
+    assert!(journal.contains("assigned,ret-2\n"), "{journal}");
+    assert!(journal.contains("pass,ret-1,"), "{journal}");
+    station.relay.close().await;
 }
