@@ -877,6 +877,8 @@ async fn listing_paging_and_bad_input() {
     // Script in owner and site is data: it comes back exactly, as JSON.
     let response = staff.get(&staff.viewer, "/api/v1/devices/x-1").await;
     assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let shown = ok_json(response, StatusCode::OK).await;
     assert_eq!(shown["device"]["owner"], script_owner);
     assert_eq!(shown["device"]["site"], script_site);

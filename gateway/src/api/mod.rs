@@ -118,7 +118,24 @@ pub fn router(state: AdminState) -> Router {
             router.route(path, handler)
         })
         .route("/api/{*rest}", any(unknown))
+        .layer(axum::middleware::map_response(no_store))
         .with_state(state)
+}
+
+/// API answers hold registry data and tokens: never cached, never sniffed
+/// as another type, never framed.
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        headers
+            .entry(name)
+            .or_insert(header::HeaderValue::from_static(value));
+    }
+    response
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -23,6 +23,8 @@ use tracing::{debug, error, info};
 use super::auth::{self, ClientAddr};
 use super::state::AdminState;
 
+/// How often ended sessions are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at most.
@@ -155,6 +157,26 @@ impl Connected<IncomingStream<'_, TlsListener>> for ClientAddr {
     }
 }
 
+/// Deletes ended sessions now and every [`SWEEP_EVERY`] (a session is
+/// refused once ended whether or not its row is gone; this keeps the table
+/// small).
+async fn sweep_sessions(state: AdminState, shutdown: watch::Receiver<bool>) {
+    let stop = stopped(shutdown);
+    tokio::pin!(stop);
+    let mut ticker = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = &mut stop => return,
+        }
+        match state.registry.delete_expired_sessions(crate::registry::now()).await {
+            Ok(0) => {}
+            Ok(deleted) => debug!(deleted, "deleted ended sessions"),
+            Err(e) => error!(error = %e, "cannot delete ended sessions"),
+        }
+    }
+}
+
 /// Resolves once `shutdown` says stop (or its sender is gone).
 async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -174,6 +196,7 @@ pub async fn serve(
             return;
         }
     };
+    tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
     let service = app(state).into_make_service_with_connect_info::<ClientAddr>();
     if let Err(e) = axum::serve(tls, service)
         .with_graceful_shutdown(stopped(shutdown))
