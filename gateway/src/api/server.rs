@@ -169,7 +169,11 @@ async fn sweep_sessions(state: AdminState, shutdown: watch::Receiver<bool>) {
             _ = ticker.tick() => {}
             () = &mut stop => return,
         }
-        match state.registry.delete_expired_sessions(crate::registry::now()).await {
+        match state
+            .registry
+            .delete_expired_sessions(crate::registry::now())
+            .await
+        {
             Ok(0) => {}
             Ok(deleted) => debug!(deleted, "deleted ended sessions"),
             Err(e) => error!(error = %e, "cannot delete ended sessions"),
