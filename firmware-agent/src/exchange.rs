@@ -223,20 +223,31 @@ struct Certificate {
 }
 
 impl Certificate {
-    /// Copies what the device keeps out of a reply, or says why it cannot.
-    fn from_reply(issued: &Issued<'_>) -> Result<Certificate, PeerError> {
-        let certificate = heapless::Vec::from_slice(issued.certificate)
-            .map_err(|_| PeerError::CertificateTooLarge)?;
-        let mut chain = Chain::default();
-        for certificate in &issued.chain {
-            chain
-                .bytes
-                .extend_from_slice(certificate)
-                .map_err(|_| PeerError::ChainTooLarge)?;
-            let end = u16::try_from(chain.bytes.len()).map_err(|_| PeerError::ChainTooLarge)?;
-            chain.ends.push(end).map_err(|_| PeerError::ChainTooLarge)?;
+    /// An empty certificate: the buffers' lengths only, so it can be put in
+    /// place without copying kilobytes.
+    const fn empty() -> Certificate {
+        Certificate {
+            certificate: heapless::Vec::new(),
+            chain: Chain {
+                bytes: heapless::Vec::new(),
+                ends: heapless::Vec::new(),
+            },
+            serial: Serial::new(),
+        }
+    }
+
+    /// Checks that what the device keeps of a reply fits and makes sense,
+    /// without copying anything.
+    fn check_reply(issued: &Issued<'_>) -> Result<(), PeerError> {
+        if issued.certificate.len() > MAX_CERTIFICATE {
+            return Err(PeerError::CertificateTooLarge);
+        }
+        let chain_len: usize = issued.chain.iter().map(|c| c.len()).sum();
+        if chain_len > MAX_CHAIN_BYTES || u16::try_from(chain_len).is_err() {
+            return Err(PeerError::ChainTooLarge);
         }
         if issued.serial.is_empty()
+            || issued.serial.len() > MAX_SERIAL
             || !issued
                 .serial
                 .bytes()
@@ -244,18 +255,48 @@ impl Certificate {
         {
             return Err(PeerError::BadSerial);
         }
-        let mut serial = Serial::new();
-        serial
-            .push_str(issued.serial)
-            .map_err(|_| PeerError::BadSerial)?;
         if issued.not_before > issued.not_after || issued.renew_after > issued.renew_before {
             return Err(PeerError::BadValidity);
         }
-        Ok(Certificate {
-            certificate,
-            chain,
-            serial,
-        })
+        Ok(())
+    }
+
+    /// Copies what the device keeps out of a reply that passed
+    /// [`check_reply`](Self::check_reply), into `self` (in place: the
+    /// buffers are a few KiB, and a small MCU's stack should hold one copy).
+    fn fill(&mut self, issued: &Issued<'_>) -> Result<(), PeerError> {
+        Certificate::check_reply(issued)?;
+        self.certificate.clear();
+        self.certificate
+            .extend_from_slice(issued.certificate)
+            .map_err(|_| PeerError::CertificateTooLarge)?;
+        self.chain.bytes.clear();
+        self.chain.ends.clear();
+        for certificate in &issued.chain {
+            self.chain
+                .bytes
+                .extend_from_slice(certificate)
+                .map_err(|_| PeerError::ChainTooLarge)?;
+            let end =
+                u16::try_from(self.chain.bytes.len()).map_err(|_| PeerError::ChainTooLarge)?;
+            self.chain
+                .ends
+                .push(end)
+                .map_err(|_| PeerError::ChainTooLarge)?;
+        }
+        self.serial.clear();
+        self.serial
+            .push_str(issued.serial)
+            .map_err(|_| PeerError::BadSerial)?;
+        Ok(())
+    }
+
+    /// Copies what the device keeps out of a reply, or says why it cannot.
+    #[cfg(test)]
+    fn from_reply(issued: &Issued<'_>) -> Result<Certificate, PeerError> {
+        let mut done = Certificate::empty();
+        done.fill(issued)?;
+        Ok(done)
     }
 }
 
@@ -589,9 +630,14 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             warn!("{}: certificate for another key ignored", R::OP.as_str());
             return Err(PeerError::WrongKey.into());
         }
-        let done = Certificate::from_reply(&issued)?;
-        // The costly check last: two ECDSA verifications on a small MCU.
-        if let Err(e) = chain::verify(&done.certificate, done.chain.iter(), &self.anchors) {
+        Certificate::check_reply(&issued)?;
+        // The costly check last: two ECDSA verifications on a small MCU. It
+        // reads the reply in place; nothing is copied before it passed.
+        if let Err(e) = chain::verify(
+            issued.certificate,
+            issued.chain.iter().copied(),
+            &self.anchors,
+        ) {
             warn!("{}: certificate chain not trusted", R::OP.as_str());
             return Err(PeerError::Chain(e).into());
         }
@@ -600,6 +646,13 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
         self.key_store
             .promote_next()
             .map_err(|e| key_error(KeyOperation::Promote, &e))?;
+        // Switch state in place, then copy: the checks above make the copy
+        // infallible, so the request buffer is not needed any more.
+        self.state = State::Certified(Certificate::empty());
+        let State::Certified(done) = &mut self.state else {
+            return Err(PeerError::Finished.into());
+        };
+        done.fill(&issued)?;
         info!(
             "{}: certified, serial {}",
             R::OP.as_str(),
@@ -614,7 +667,8 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             renew_after: issued.renew_after,
             renew_before: issued.renew_before,
         });
-        self.finish(State::Certified(done), event);
+        // There is one final event per request and room for two.
+        let _ = self.events.push_back(event);
         Ok(())
     }
 
