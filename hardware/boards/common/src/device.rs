@@ -188,6 +188,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         }
     }
 
+    // Not inlined: its locals then live only while it runs, instead of
+    // adding to `run`'s frame for the whole session.
+    #[inline(never)]
     fn send(&mut self, frame: &Frame<'_>) {
         // Every frame the device builds fits SEND_FRAME; one that does not
         // (cannot happen) is dropped rather than sent cut.
@@ -201,6 +204,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         self.outcome = Some(Outcome::Failed { code });
     }
 
+    // Not inlined: its locals then live only while it runs, instead of
+    // adding to `run`'s frame for the whole session.
+    #[inline(never)]
     fn on_frame(&mut self, now: u64, frame: Frame<'_>) {
         // When frames arrive depends on the station and the host; the timer's
         // low bits at that moment are a little entropy, never a lot.
@@ -255,6 +261,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         }
     }
 
+    // Not inlined: its locals then live only while it runs, instead of
+    // adding to `run`'s frame for the whole session.
+    #[inline(never)]
     fn on_provision(&mut self, now: u64, device_id: &str, token: &[u8]) {
         if self.enrolled {
             self.fail("already_enrolled", "the device holds a certificate");
@@ -301,6 +310,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         }
     }
 
+    // Not inlined: its locals then live only while it runs, instead of
+    // adding to `run`'s frame for the whole session.
+    #[inline(never)]
     fn poll_enrollment(&mut self, now: u64) {
         let Some(enrollment) = self.enrollment.as_mut() else {
             return;
@@ -330,6 +342,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         }
     }
 
+    // Not inlined: its locals then live only while it runs, instead of
+    // adding to `run`'s frame for the whole session.
+    #[inline(never)]
     fn on_enrolled(&mut self, certified: &idgate_agent::Certified) {
         let Some(enrollment) = self.enrollment.as_ref() else {
             return;
@@ -388,6 +403,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         });
     }
 
+    // Not inlined: its locals then live only while it runs, instead of
+    // adding to `run`'s frame for the whole session.
+    #[inline(never)]
     fn on_rejected(&mut self, rejection: &Rejection) {
         self.enrollment = None;
         let code = rejection.code_str();
