@@ -699,6 +699,9 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
         }
     }
 
+    // Inlined so the state is written in place: passed by value, a `State`
+    // is a 3 KiB temporary on a small MCU's stack.
+    #[inline(always)]
     fn finish(&mut self, state: State, event: Event) {
         self.state = state;
         // There is one final event per request and room for two.
