@@ -284,8 +284,8 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
             return;
         }
         // A second Provision before the answer starts over with a new key.
-        let keys = match self.enrollment.take() {
-            Some(running) => running.into_key_store(),
+        let keys = match reclaim(&mut self.enrollment) {
+            Some(keys) => keys,
             None => match self.keys.take() {
                 Some(keys) => keys,
                 None => return,
@@ -298,15 +298,16 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
             retry: RetryPolicy::DEFAULT,
             pinned_roots: &roots,
         };
-        match Enrollment::start(&config, keys, rid, now) {
-            Ok(enrollment) => {
-                self.device_id.clear();
-                // `start` checked the id, which fits MAX_ID.
-                let _ = self.device_id.push_str(device_id);
-                self.enrollment = Some(enrollment);
-            }
+        // Straight into its place: `start`'s result is a few KiB, and a
+        // `match` that moves it would hold a second copy on the stack.
+        self.enrollment = Enrollment::start(&config, keys, rid, now).ok();
+        if self.enrollment.is_some() {
+            self.device_id.clear();
+            // `start` checked the id, which fits MAX_ID.
+            let _ = self.device_id.push_str(device_id);
+        } else {
             // The id and token were checked: only the key store can fail.
-            Err(_) => self.fail("key_store", "key generation or CSR signing failed"),
+            self.fail("key_store", "key generation or CSR signing failed");
         }
     }
 
@@ -413,6 +414,14 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         self.send(&Frame::Failed { code, message });
         self.outcome = Some(Outcome::Failed { code: "rejected" });
     }
+}
+
+/// Ends a running request and takes the key store back. Apart, and not
+/// inlined, so the request moved out of its slot occupies the stack only here,
+/// not while the next request starts.
+#[inline(never)]
+fn reclaim<'k>(slot: &mut Option<Enrollment<&'k mut Keys>>) -> Option<&'k mut Keys> {
+    slot.take().map(Enrollment::into_key_store)
 }
 
 /// SHA-256 over a credential's fields, each with its length.

@@ -23,7 +23,10 @@ fn main() -> ! {
     let outcome = device::run(board, flash, STORE, factory_page(), &entropy);
     let ok = matches!(outcome, Outcome::Enrolled { .. });
     report!("outcome: {:?}", outcome);
-    report!("clock: {} ms since boot", idgate_board_lm3s6965evb::systick_wraps());
+    report!(
+        "clock: {} ms since boot",
+        idgate_board_lm3s6965evb::systick_wraps()
+    );
     report!(
         "footprint: stack peak {} bytes of {}",
         stack::peak(),
