@@ -340,6 +340,15 @@ mod tests {
     }
 
     #[test]
+    fn labels_come_from_their_column_only() {
+        let rows = parse(b"label,id\nB7-F2-014,sn-1\n,sn-2\n", &defaults()).expect("valid file");
+        assert_eq!(rows[0].label.as_deref(), Some("B7-F2-014"));
+        assert_eq!(rows[1].label, None);
+        assert!(error(b"id,label\nsn-1,a\tb\n").contains("line 2: label must be"));
+        assert!(error(b"id,label,label\nsn-1,a,b\n").contains("appears twice"));
+    }
+
+    #[test]
     fn bad_files_name_the_line() {
         assert_eq!(
             error(b"id\nsn-1\nsn-2\nsn-1\n"),

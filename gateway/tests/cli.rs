@@ -105,6 +105,8 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
         "fm@example.com",
         "--site",
         "berlin",
+        "--label",
+        "B7-F2-014",
         "--json",
     ]));
     let added: serde_json::Value = serde_json::from_str(&added).unwrap();
@@ -150,6 +152,7 @@ async fn fresh_machine_serve_register_enroll_verify_stop() {
 
     let shown = run_ok(idgate(&data).args(["device", "show", "sensor-1"]));
     assert!(shown.contains("status      active"), "{shown}");
+    assert!(shown.contains("label       B7-F2-014"), "{shown}");
     assert!(shown.contains(&enrolled.serial), "{shown}");
     assert!(
         shown.contains("device.add") && shown.contains("enroll"),
