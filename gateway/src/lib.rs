@@ -23,3 +23,4 @@ pub mod registry;
 pub mod revocation;
 pub mod service;
 pub mod testing;
+pub mod web;

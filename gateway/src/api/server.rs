@@ -73,6 +73,7 @@ pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, A
 pub fn app(state: AdminState) -> Router {
     Router::new()
         .merge(super::router(state.clone()))
+        .merge(crate::web::router(state.clone()))
         .layer(axum::middleware::from_fn_with_state(
             state,
             auth::authenticate,
