@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod console;
+mod console_http;
 mod enroll;
 mod front;
 mod lifecycle;
