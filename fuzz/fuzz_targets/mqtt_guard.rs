@@ -38,15 +38,21 @@ fuzz_target!(|data: &[u8]| {
         [a, b, bytes @ ..] => (usize::from(u16::from_le_bytes([*a, *b])), bytes),
         _ => (0, rest),
     };
-    let identity = if control & 1 == 0 {
+    let identity = if control & 4 != 0 {
+        Identity::Station("st-a".into())
+    } else if control & 1 == 0 {
         Identity::Device("dev-a".into())
     } else {
         Identity::Anonymous
     };
     let level = if control & 2 == 0 { 4 } else { 5 };
 
-    // CONNECT, for both identities.
-    for who in [Identity::Device("dev-a".into()), Identity::Anonymous] {
+    // CONNECT, for every kind of identity.
+    for who in [
+        Identity::Device("dev-a".into()),
+        Identity::Anonymous,
+        Identity::Station("st-a".into()),
+    ] {
         if let Ok(packet) = admit_connect(&who, bytes) {
             match &who {
                 // A device's CONNECT goes on unchanged.
@@ -57,6 +63,15 @@ fuzz_target!(|data: &[u8]| {
                     if packet.len() + 16 <= MAX_PACKET {
                         if let Err(e) = admit_connect(&Identity::Anonymous, &packet) {
                             panic!("rewritten CONNECT is refused: {e:?}\n in:  {bytes:02x?}\n out: {packet:02x?}");
+                        }
+                    }
+                }
+                // A station's client id is renamed apart from devices'; the
+                // rewrite must still be a well-formed CONNECT without a will.
+                Identity::Station(_) => {
+                    if packet.len() + 16 <= MAX_PACKET {
+                        if let Err(e) = admit_connect(&Identity::Anonymous, &packet) {
+                            panic!("renamed station CONNECT is refused: {e:?}\n in:  {bytes:02x?}\n out: {packet:02x?}");
                         }
                     }
                 }

@@ -1796,7 +1796,7 @@ mod tests {
 
     /// Runs untrusted bytes through every entry point; only panics matter.
     fn exercise(bytes: &[u8]) {
-        for identity in [device(), Identity::Anonymous] {
+        for identity in [device(), Identity::Anonymous, station()] {
             if let Ok(admitted) = admit_connect(&identity, bytes) {
                 assert!(parse_connect(&admitted).is_ok());
             }
