@@ -1,5 +1,6 @@
-//! The firmware image on an emulated Cortex-M3: QEMU's `lm3s6965evb` boots
-//! the real agent image (`hardware/boards/lm3s6965evb`, release, `--locked`),
+//! The firmware image on an emulated MCU: QEMU's `lm3s6965evb` (Cortex-M3,
+//! the gating board) and `mps2-an386` (Cortex-M4F) boot the real agent image
+//! (`hardware/boards/<board>`, release, `--locked`),
 //! its UART0 bridged to a TCP socket; the line station (`idgate line`'s
 //! library, with its station certificate) relays the line link
 //! (`idgate_pki::link`) to a real gateway over MQTT/TLS. The device generates
@@ -9,7 +10,7 @@
 //! CA.
 //!
 //! Needs `qemu-system-arm` (Debian package of that name) and the
-//! `thumbv7m-none-eabi` target: `.ci/run` installs both. Without them the test
+//! `thumbv7m-none-eabi` and `thumbv7em-none-eabihf` targets: `.ci/run` installs them. Without them the test
 //! fails and says so.
 
 use std::io::Read;
@@ -28,25 +29,55 @@ use idgate_pki::ca::pem_certificates;
 use idgate_tests::Harness;
 use tokio::net::TcpListener;
 
-/// Where the station writes the factory page in the LM3S6965's flash (memory.x).
+/// Where the programming station writes the factory page (both boards' memory.x).
 const FACTORY_ADDRESS: u32 = 0x0003_F000;
 /// The whole session, from QEMU's start to its exit, must end within this.
 const SESSION: Duration = Duration::from_secs(120);
 
+/// A QEMU board and the image built for it.
+struct BoardImage {
+    /// The folder under `hardware/boards/`, also QEMU's machine name.
+    board: &'static str,
+    /// The Rust target the image is built for.
+    target: &'static str,
+    /// The device id the station enrolls it as.
+    device_id: &'static str,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lm3s6965_image_enrolls_through_its_uart() {
+    board_enrolls_through_its_uart(BoardImage {
+        board: "lm3s6965evb",
+        target: "thumbv7m-none-eabi",
+        device_id: "qemu-lm3s-0001",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mps2_an386_image_enrolls_through_its_uart() {
+    board_enrolls_through_its_uart(BoardImage {
+        board: "mps2-an386",
+        target: "thumbv7em-none-eabihf",
+        device_id: "qemu-mps2-0001",
+    })
+    .await;
+}
+
+async fn board_enrolls_through_its_uart(board: BoardImage) {
     let qemu = which("qemu-system-arm").unwrap_or_else(|| {
         panic!(
             "qemu-system-arm is not installed: the firmware test boots the board image in it \
              (Debian: apt-get install qemu-system-arm; .ci/run does this)"
         )
     });
-    let image = tokio::task::spawn_blocking(|| build_image("lm3s6965evb", "thumbv7m-none-eabi"))
+    let (name, target) = (board.board, board.target);
+    let image = tokio::task::spawn_blocking(move || build_image(name, target))
         .await
         .unwrap();
 
     let harness = Harness::start(TestDatabase::Sqlite).await.unwrap();
-    let device_id = "qemu-lm3s-0001";
+    let device_id = board.device_id;
     let tokens = crate::line::import(&harness, "qemu-batch", &[device_id.to_owned()]).await;
     let credentials = crate::line::station(&harness, "qemu-station", &["qemu-batch"]).await;
     let root_pem = std::fs::read_to_string(harness.root_ca()).unwrap();
@@ -64,7 +95,7 @@ async fn lm3s6965_image_enrolls_through_its_uart() {
     // QEMU connects its UART to our listener.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut qemu = Qemu::start(&qemu, &image, &factory, port);
+    let mut qemu = Qemu::start(&qemu, board.board, &image, &factory, port);
     let (line, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
         .await
         .unwrap_or_else(|_| panic!("QEMU did not connect its serial port: {}", qemu.output()))
@@ -155,10 +186,10 @@ struct Qemu {
 }
 
 impl Qemu {
-    fn start(qemu: &Path, image: &Path, factory: &Path, port: u16) -> Qemu {
+    fn start(qemu: &Path, machine: &str, image: &Path, factory: &Path, port: u16) -> Qemu {
         let address: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut child = Command::new(qemu)
-            .args(["-M", "lm3s6965evb", "-nographic", "-monitor", "none"])
+            .args(["-M", machine, "-nographic", "-monitor", "none"])
             .args(["-semihosting-config", "enable=on,target=native"])
             .arg("-serial")
             .arg(format!("tcp:{address}"))
