@@ -157,3 +157,119 @@ async fn station_commands_and_exit_status() {
     );
     gateway.shutdown().await;
 }
+
+/// The serial path for real: a pseudo-terminal pair stands in for the
+/// fixture's cable; the station opens the slave by its path as it would
+/// `/dev/ttyUSB0`, the simulated device talks on the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_enrolls_over_a_serial_port() {
+    use idgate_gateway::line::admin::add_station;
+    use idgate_gateway::line::relay::{Relay, RelayOptions};
+    use idgate_gateway::line::station::{Fixtures, Station, UnitOutcome, UnitReport, run};
+    use idgate_gateway::line::tokens::TokenPool;
+    use idgate_gateway::registry::{NewBatch, NewDevice, now};
+    use serialport::SerialPort as _;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = DataDir::new(dir.path().join("data"));
+    let mut settings = Settings::new(data.clone());
+    settings.mqtt_listen = "127.0.0.1:0".parse().expect("address");
+    settings.http_listen = "127.0.0.1:0".parse().expect("address");
+    settings.admin.listen = "127.0.0.1:0".parse().expect("address");
+    let gateway = Gateway::start(settings).await.expect("gateway starts");
+    let registry = gateway.registry().clone();
+    let new = data.tokens().expect("seal key").generate("tty-1");
+    registry
+        .import_batch(
+            &NewBatch {
+                id: "tty".into(),
+                owner: "line@example.com".into(),
+                site: "plant-1".into(),
+                model: None,
+                created_by: "test".into(),
+            },
+            &[(
+                NewDevice {
+                    id: "tty-1".into(),
+                    owner: "line@example.com".into(),
+                    site: "plant-1".into(),
+                    model: None,
+                    label: None,
+                    created_by: "test".into(),
+                },
+                new.sealed,
+            )],
+            now(),
+            &|_| {},
+        )
+        .await
+        .expect("import");
+    let credentials = add_station(
+        &data,
+        &registry,
+        "tty-station",
+        &["tty".to_owned()],
+        Duration::from_secs(86_400),
+        "test",
+        now(),
+    )
+    .await
+    .expect("station");
+    let tokens = dir.path().join("tty.tokens.csv");
+    std::fs::write(&tokens, format!("id,token\ntty-1,{}\n", new.token)).expect("tokens");
+    let relay = Relay::connect(
+        &RelayOptions {
+            broker: format!("127.0.0.1:{}", gateway.mqtt_address().port()),
+            station_id: credentials.id.clone(),
+            root_pem: credentials.root_pem.clone().into_bytes(),
+            certificate_pem: credentials.certificate_pem.clone().into_bytes(),
+            key_pem: credentials.key_pem.clone().into_bytes(),
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("relay");
+    let station = std::sync::Arc::new(Station {
+        relay,
+        pool: TokenPool::open(&tokens, None).expect("pool"),
+        unit_timeout: Duration::from_secs(20),
+        hello_interval: Duration::from_millis(250),
+        reply_timeout: Duration::from_secs(10),
+    });
+
+    let (mut master, slave) = serialport::TTYPort::pair().expect("pseudo-terminal pair");
+    let path = slave.name().expect("the slave has a path");
+    master
+        .set_timeout(Duration::from_millis(100))
+        .expect("timeout");
+    let device_end =
+        idgate_gateway::line::serial::bridge(Box::new(master), "pty master").expect("bridge");
+    let station_end = idgate_gateway::line::serial::open(&path, 115_200).expect("open the slave");
+    let root_pem = std::fs::read(data.root_certificate()).expect("root");
+    let device = tokio::spawn(async move {
+        run_line_device(device_end, &LineDeviceOptions::new(root_pem)).await
+    });
+    let reports = std::sync::Mutex::new(Vec::<UnitReport>::new());
+    let record = |unit: &UnitReport| reports.lock().expect("lock").push(unit.clone());
+    let summary = run(
+        station.clone(),
+        Fixtures::Streams(vec![(format!("serial {path}"), station_end)]),
+        1,
+        &record,
+    )
+    .await;
+    let enrolled = device.await.expect("join").expect("the device enrolled");
+    assert_eq!(summary.passed, 1, "{:?}", reports.lock().expect("lock"));
+    let reports = reports.into_inner().expect("lock");
+    assert_eq!(reports[0].device_id.as_deref(), Some("tty-1"));
+    assert_eq!(
+        reports[0].outcome,
+        UnitOutcome::Passed {
+            serial: enrolled.serial.clone()
+        }
+    );
+    let by = registry.enrolled_by("tty-1").await.expect("enrolled_by");
+    assert_eq!(by[0].station_id, "tty-station");
+    drop(slave);
+    gateway.shutdown().await;
+}

@@ -14,6 +14,13 @@ pub fn open(path: &str, baud: u32) -> Result<DuplexStream, String> {
         .timeout(Duration::from_millis(100))
         .open()
         .map_err(|e| format!("opening serial port {path}: {e}"))?;
+    bridge(port, path)
+}
+
+/// Bridges an opened port (its read timeout set; a timeout is not an error)
+/// to an async byte stream, with one reader and one writer thread. Must be
+/// called inside a tokio runtime. `path` names the port in messages.
+pub fn bridge(port: Box<dyn serialport::SerialPort>, path: &str) -> Result<DuplexStream, String> {
     let mut reader = port
         .try_clone()
         .map_err(|e| format!("serial port {path}: {e}"))?;
