@@ -782,6 +782,16 @@ async fn roles_decide_who_may_change_devices() {
     )
     .await;
     assert_eq!(revoked["device"]["status"], "revoked");
+    // The gateway applies it: the serial is in the revocation state in force
+    // (TLS verifier, live sessions, CRL), awaited rather than slept for.
+    let mut applied = staff.admin.gateway.revocation();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        applied.wait_for(|state| state.revoked.contains(&enrolled.serial)),
+    )
+    .await
+    .expect("the revocation is applied within 10 s")
+    .expect("gateway running");
     let response = staff
         .send(
             &staff.operator,
@@ -1230,5 +1240,164 @@ async fn accounts_tokens_ca_and_openapi() {
             );
         }
     }
+    staff.admin.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_register_all_or_nothing() {
+    let staff = Staff::start().await;
+    let post = reqwest::Method::POST;
+    let batch = |devices: Value| {
+        json!({ "id": "line-7", "owner": "fm@example.com", "site": "plant-1", "model": "th-1",
+                "devices": devices })
+    };
+    let three = json!([
+        { "id": "sn-1" },
+        { "id": "sn-2", "site": "lab", "label": "<b>case 2</b>" },
+        { "id": "sn-3", "owner": "lab@example.com" },
+    ]);
+    let response = staff
+        .send(
+            &staff.operator,
+            post.clone(),
+            "/api/v1/batches",
+            Some(batch(three.clone())),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    // Refused whole: a bad row, a repeated id, too many or no devices.
+    let many: Vec<Value> = (0..10_001)
+        .map(|i| json!({ "id": format!("m-{i}") }))
+        .collect();
+    for (devices, code, says) in [
+        (
+            json!([{ "id": "ok-1" }, { "id": "bad id" }]),
+            "invalid_request",
+            "devices[1]",
+        ),
+        (
+            json!([{ "id": "ok-1" }, { "id": "ok-1" }]),
+            "invalid_request",
+            "twice",
+        ),
+        (
+            json!([{ "id": "ok-1", "owner": "nobody" }]),
+            "invalid_request",
+            "devices[0]",
+        ),
+        (json!(many), "invalid_request", "10000"),
+        (json!([]), "invalid_request", "1 to"),
+    ] {
+        let response = staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/batches",
+                Some(batch(devices)),
+            )
+            .await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (StatusCode::BAD_REQUEST, code)
+        );
+        assert!(body["message"].as_str().unwrap().contains(says), "{body}");
+    }
+
+    let made = ok_json(
+        staff
+            .send(
+                &staff.boss,
+                post.clone(),
+                "/api/v1/batches",
+                Some(batch(three.clone())),
+            )
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(made["batch"]["registered"], 3);
+    assert_eq!(made["batch"]["created_by"], "user:boss");
+    let tokens: Vec<&str> = made["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    assert!(tokens[0] != tokens[1] && !tokens[2].is_empty());
+    let sn2 = ok_json(
+        staff.get(&staff.viewer, "/api/v1/devices/sn-2").await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (
+            &sn2["device"]["site"],
+            &sn2["device"]["label"],
+            &sn2["device"]["owner"],
+            &sn2["batch"]
+        ),
+        (
+            &json!("lab"),
+            &json!("<b>case 2</b>"),
+            &json!("fm@example.com"),
+            &json!("line-7")
+        )
+    );
+
+    // The same batch id, or a device registered already: 409, nothing written.
+    let response = staff
+        .send(
+            &staff.boss,
+            post.clone(),
+            "/api/v1/batches",
+            Some(batch(json!([{ "id": "new-1" }]))),
+        )
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::CONFLICT, "batch_exists".into())
+    );
+    let mut again = batch(json!([{ "id": "new-1" }, { "id": "sn-3" }]));
+    again["id"] = json!("line-8");
+    let response = staff
+        .send(&staff.boss, post.clone(), "/api/v1/batches", Some(again))
+        .await;
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::CONFLICT, "device_exists".into())
+    );
+    let response = staff.get(&staff.viewer, "/api/v1/devices/new-1").await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    let listed = ok_json(
+        staff.get(&staff.viewer, "/api/v1/batches").await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(listed["batches"].as_array().unwrap().len(), 1);
+    let shown = ok_json(
+        staff.get(&staff.viewer, "/api/v1/batches/line-7").await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(shown["pending_devices"], json!(["sn-1", "sn-2", "sn-3"]));
+    let page = ok_json(
+        staff
+            .get(
+                &staff.viewer,
+                "/api/v1/devices?batch=line-7&owner=lab@example.com",
+            )
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (&page["total"], &page["devices"][0]["id"]),
+        (&json!(1), &json!("sn-3"))
+    );
     staff.admin.gateway.shutdown().await;
 }

@@ -5,12 +5,14 @@
 //! described in the OpenAPI document at `/api/v1/openapi.json`.
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, header};
 use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, any, get, patch, post};
 
 mod accounts;
 pub mod auth;
+mod batches;
 mod devices;
 pub mod error;
 mod extract;
@@ -75,8 +77,13 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<AdminState>)> {
             "/api/v1/certificates/{serial}",
             get(records::certificate),
         ),
-        (Method::GET, "/api/v1/batches", get(records::batches)),
-        (Method::GET, "/api/v1/batches/{id}", get(records::batch)),
+        (Method::GET, "/api/v1/batches", get(batches::list)),
+        (
+            Method::POST,
+            "/api/v1/batches",
+            post(batches::import).layer(DefaultBodyLimit::max(batches::MAX_BATCH_BODY)),
+        ),
+        (Method::GET, "/api/v1/batches/{id}", get(batches::show)),
         (Method::GET, "/api/v1/audit", get(records::audit)),
         (Method::GET, "/api/v1/ca", get(records::ca)),
         (Method::GET, "/api/v1/accounts", get(accounts::list)),

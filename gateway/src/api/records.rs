@@ -1,4 +1,4 @@
-//! Read-only records: certificates by serial, batches, the audit log, and the
+//! Read-only records: certificates by serial, the audit log, and the
 //! CA (certificates, CRL state, where CRL and OCSP are served).
 
 use axum::Json;
@@ -27,29 +27,6 @@ pub(super) async fn certificate(
     let mut value = certificate_json(&record, now());
     value["pem"] = json!(to_pem(&[&record.der]));
     Ok(Json(value))
-}
-
-pub(super) async fn batches(
-    State(state): State<AdminState>,
-    principal: Principal,
-) -> Result<Json<Value>, ApiError> {
-    principal.require(Role::Viewer)?;
-    Ok(Json(json!({ "batches": state.registry.batches().await? })))
-}
-
-pub(super) async fn batch(
-    State(state): State<AdminState>,
-    principal: Principal,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    principal.require(Role::Viewer)?;
-    let batch = state
-        .registry
-        .batch(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format_args!("batch `{id}`")))?;
-    let pending = state.registry.batch_pending(&id).await?;
-    Ok(Json(json!({ "batch": batch, "pending_devices": pending })))
 }
 
 /// `GET /api/v1/audit` parameters.
