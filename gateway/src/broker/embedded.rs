@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::protocol::{Packet, Publish};
@@ -14,6 +15,7 @@ use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, Se
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
+use super::direct::DirectRoutes;
 use super::{Bus, Message, REQUEST_FILTERS};
 
 /// Largest MQTT payload rumqttd accepts; above this it drops the connection.
@@ -23,13 +25,16 @@ pub const BROKER_MAX_PAYLOAD: usize = 64 * 1024;
 /// Queue depth between the broker and the service, each way.
 const QUEUE: usize = 4096;
 
-/// Where the embedded broker's plain listeners are (loopback only).
-#[derive(Clone, Copy, Debug)]
+/// Where the embedded broker's plain listeners are (loopback only), and the
+/// connections that get the service's replies directly.
+#[derive(Clone, Debug)]
 pub struct Upstream {
     /// MQTT 3.1.1 listener.
     pub v4: SocketAddr,
     /// MQTT 5 listener.
     pub v5: SocketAddr,
+    /// Reply subscriptions held by the front instead of rumqttd.
+    pub direct: Arc<DirectRoutes>,
 }
 
 /// The embedded broker could not start.
@@ -77,6 +82,7 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
     let upstream = Upstream {
         v4: free_loopback_port()?,
         v5: free_loopback_port()?,
+        direct: Arc::default(),
     };
     let config = Config {
         id: 0,
@@ -149,10 +155,14 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
         }
     });
     let runtime = tokio::runtime::Handle::current();
+    let direct = upstream.direct.clone();
     std::thread::Builder::new()
         .name("idgate-replies".into())
         .spawn(move || {
             while let Some(reply) = reply_rx.blocking_recv() {
+                if !reply.retain {
+                    direct.deliver(&reply.topic, &reply.payload);
+                }
                 let sent = if reply.retain {
                     // `publish` never retains; a retained message goes as a packet.
                     let publish = Publish::new(reply.topic.into_bytes(), reply.payload, true);

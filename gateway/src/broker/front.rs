@@ -29,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use super::direct;
 use super::embedded::Upstream;
 use super::guard::{self, Guard, Identity};
 
@@ -429,9 +430,16 @@ async fn connection(
         let (mut client_read, mut client_write) = tokio::io::split(tls);
         let mut guard = Guard::new(guard_identity, connect.level);
         let mut refused = None;
+        // Reply subscriptions are held here, not in rumqttd (see `direct`);
+        // their SUBACKs and the replies come through `direct_rx`.
+        let (direct_tx, mut direct_rx) = tokio::sync::mpsc::channel(direct::QUEUE);
+        let mut subscriptions =
+            direct::Subscriptions::new(&front.upstream.direct, connect.level, direct_tx.clone());
         let inbound = async {
-            let mut buffer = vec![0u8; 16 * 1024];
-            let mut forward = Vec::with_capacity(16 * 1024);
+            let mut buffer = vec![0u8; RELAY_BUFFER];
+            let mut forward = Vec::new();
+            let mut to_broker = Vec::new();
+            let mut answers = Vec::new();
             loop {
                 let n = client_read
                     .read(&mut buffer)
@@ -441,29 +449,48 @@ async fn connection(
                     return Ok::<_, String>(());
                 }
                 forward.clear();
-                if let Err(refusal) = guard.feed(&buffer[..n], &mut forward) {
+                let fed = guard.feed(&buffer[..n], &mut forward);
+                to_broker.clear();
+                subscriptions.route(&forward, &mut to_broker, &mut answers);
+                for answer in answers.drain(..) {
+                    direct_tx
+                        .send(answer)
+                        .await
+                        .map_err(|_| "connection closing".to_owned())?;
+                }
+                if let Err(refusal) = fed {
                     // Forward what was allowed before the violation, then stop.
-                    let _ = broker_write.write_all(&forward).await;
+                    let _ = broker_write.write_all(&to_broker).await;
                     let reason = format!("guard: {refusal}");
                     refused = Some(refusal);
                     return Err(reason);
                 }
                 broker_write
-                    .write_all(&forward)
+                    .write_all(&to_broker)
                     .await
                     .map_err(|e| format!("broker write: {e}"))?;
             }
         };
         let outbound = async {
-            let mut buffer = vec![0u8; 16 * 1024];
+            let mut buffer = vec![0u8; RELAY_BUFFER];
+            let mut boundaries = direct::Boundaries::default();
             loop {
-                let n = broker_read
-                    .read(&mut buffer)
-                    .await
-                    .map_err(|e| format!("broker read: {e}"))?;
+                let n = tokio::select! {
+                    biased;
+                    // A direct packet goes out only between two of rumqttd's.
+                    Some(packet) = direct_rx.recv(), if boundaries.at_boundary() => {
+                        client_write
+                            .write_all(&packet)
+                            .await
+                            .map_err(|e| format!("client write: {e}"))?;
+                        continue;
+                    }
+                    n = broker_read.read(&mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
+                };
                 if n == 0 {
                     return Ok::<_, String>(());
                 }
+                boundaries.advance(&buffer[..n]);
                 // rumqttd's sockets use Nagle's algorithm: it holds a reply
                 // back until its previous small segment (the PUBACK of the
                 // request, say) is acknowledged, and a delayed ACK from us
@@ -513,6 +540,11 @@ struct Connect {
     bytes: Vec<u8>,
     level: u8,
 }
+
+/// Read buffer of each relay direction. Every connected device holds two, so
+/// they are sized for what devices exchange (requests and replies of a few
+/// KiB), not for bulk transfer: larger packets just take more reads.
+const RELAY_BUFFER: usize = 4 * 1024;
 
 /// Largest CONNECT packet accepted (client id, credentials, will message).
 const MAX_CONNECT: usize = 64 * 1024;

@@ -10,6 +10,7 @@
 //! accept loop that spawns per connection) and relays the plain MQTT bytes to
 //! rumqttd on a loopback port.
 
+pub mod direct;
 pub mod embedded;
 pub mod front;
 pub mod guard;
