@@ -28,6 +28,8 @@ use ring::signature::{
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
+mod connected;
+
 use crate::datadir::DataDir;
 use crate::gateway::{Gateway, Settings, StartError};
 use crate::registry::{NewBatch, NewDevice, now};
@@ -56,6 +58,10 @@ pub struct Options {
     pub rate: Option<f64>,
     /// Keep the data directory here instead of a temporary one.
     pub keep: Option<PathBuf>,
+    /// One connection per device (TLS handshake, CONNECT, SUBSCRIBE), kept
+    /// open after the device's enrollment; `concurrency` devices connect at
+    /// once. Enrollment only.
+    pub keep_connected: bool,
 }
 
 /// The benchmark could not run.
@@ -112,6 +118,8 @@ pub struct Report {
     pub cores: usize,
     /// Certificates in the registry after the run.
     pub recorded: i64,
+    /// Cost of each public-key operation on this machine, this run.
+    pub costs: CryptoCosts,
 }
 
 impl Report {
@@ -185,12 +193,124 @@ impl fmt::Display for Report {
             self.ceiling_all_cores,
             self.cores
         )?;
-        write!(
+        writeln!(
             f,
             "  ratio                 {:.1} % of the ceiling",
             100.0 * self.throughput() / self.ceiling().max(1e-9)
+        )?;
+        write!(f, "  {}", self.costs)
+    }
+}
+
+/// CPU microseconds of one core per public-key operation (ring), measured
+/// in the same run, and the floors they make.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CryptoCosts {
+    /// One P-256 ECDSA signature.
+    pub sign: f64,
+    /// One P-256 ECDSA verification.
+    pub verify: f64,
+    /// One side of an X25519 exchange: key share generation and agreement.
+    pub x25519: f64,
+}
+
+impl CryptoCosts {
+    /// The gateway's public-key work for an enrollment on an open
+    /// connection: verify the CSR's signature, sign the certificate.
+    pub fn enrollment(&self) -> f64 {
+        self.sign + self.verify
+    }
+
+    /// The gateway's side of a device's own TLS 1.3 handshake (X25519, the
+    /// CertificateVerify signature) plus the enrollment.
+    pub fn gateway_with_handshake(&self) -> f64 {
+        self.x25519 + self.sign + self.enrollment()
+    }
+
+    /// The device's side of the handshake: X25519, and verifying the server
+    /// certificate and the CertificateVerify signature.
+    pub fn device_handshake(&self) -> f64 {
+        self.x25519 + 2.0 * self.verify
+    }
+}
+
+impl fmt::Display for CryptoCosts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "crypto floor          {:.0} µs per enrollment (P-256 sign {:.0} µs + verify {:.0} µs); \
+             with its own TLS handshake {:.0} µs at the gateway (+ X25519 {:.0} µs, + sign) and {:.0} µs at the device",
+            self.enrollment(),
+            self.sign,
+            self.verify,
+            self.gateway_with_handshake(),
+            self.x25519,
+            self.device_handshake()
         )
     }
+}
+
+/// Measures [`CryptoCosts`] on one core (about a second).
+fn crypto_costs() -> Result<CryptoCosts, BenchError> {
+    let rng = SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+            .map_err(|_| setup("cannot generate a P-256 key"))?;
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .map_err(|e| setup(format!("P-256 key: {e}")))?;
+    let public =
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    let message = [0x5au8; 300];
+    let sig = key
+        .sign(&rng, &message)
+        .map_err(|_| setup("P-256 signing failed"))?;
+    let each = Duration::from_millis(300);
+    let time = |op: &mut dyn FnMut() -> Result<(), BenchError>| -> Result<f64, BenchError> {
+        let started = Instant::now();
+        let mut count = 0u64;
+        while started.elapsed() < each {
+            op()?;
+            count += 1;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e6 / count.max(1) as f64)
+    };
+    let sign = time(&mut || {
+        key.sign(&rng, &message)
+            .map(|_| ())
+            .map_err(|_| setup("P-256 signing failed"))
+    })?;
+    let verify = time(&mut || {
+        public
+            .verify(&message, sig.as_ref())
+            .map_err(|_| setup("P-256 verification failed"))
+    })?;
+    let peer = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+        .and_then(|k| k.compute_public_key())
+        .map_err(|_| setup("X25519 failed"))?;
+    let x25519 = time(&mut || {
+        let mine = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+            .map_err(|_| setup("X25519 failed"))?;
+        let share = mine
+            .compute_public_key()
+            .map_err(|_| setup("X25519 failed"))?;
+        std::hint::black_box(share.as_ref());
+        ring::agreement::agree_ephemeral(
+            mine,
+            &ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, peer.as_ref()),
+            |secret| std::hint::black_box(secret.len()),
+        )
+        .map(|_| ())
+        .map_err(|_| setup("X25519 failed"))
+    })?;
+    Ok(CryptoCosts {
+        sign,
+        verify,
+        x25519,
+    })
 }
 
 /// One prepared request.
@@ -241,6 +361,50 @@ pub async fn run(options: &Options, log: &(dyn Fn(&str) + Sync)) -> Result<Repor
     result
 }
 
+/// Runs the `--keep-connected` benchmark; `log` gets progress lines.
+pub async fn run_connected(
+    options: &Options,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<ConnectedReport, BenchError> {
+    if options.devices == 0 || options.concurrency == 0 {
+        return Err(BenchError::Options(
+            "--devices and --concurrency must be at least 1".into(),
+        ));
+    }
+    if options.op != Op::Enroll || options.rate.is_some() {
+        return Err(BenchError::Options(
+            "--keep-connected measures enrollments in a closed loop: no --rate, no renew".into(),
+        ));
+    }
+    // Each connected device holds four descriptors in this process: the
+    // device's socket, the front's accepted socket, and both ends of the
+    // front's loopback connection to rumqttd.
+    let needed = 4 * (options.devices + PROBES) + 256;
+    if let Some(limit) = open_files_limit()
+        && needed > limit
+    {
+        return Err(BenchError::Options(format!(
+            "{} connected devices need about {needed} open files in this process \
+             (4 per device); the limit is {limit} (raise it with `ulimit -n`)",
+            options.devices
+        )));
+    }
+    let temp = tempfile::tempdir().map_err(setup)?;
+    let root = options
+        .keep
+        .clone()
+        .unwrap_or_else(|| temp.path().join("data"));
+    let data = DataDir::new(root);
+    let mut settings = Settings::new(data.clone());
+    settings.mqtt_listen = ([127, 0, 0, 1], 0).into();
+    settings.http_listen = ([127, 0, 0, 1], 0).into();
+    settings.admin.listen = ([127, 0, 0, 1], 0).into();
+    let gateway = Gateway::start(settings).await?;
+    let result = measure_connected(options, &gateway, &data, log).await;
+    gateway.shutdown().await;
+    result
+}
+
 async fn measure(
     options: &Options,
     gateway: &Gateway,
@@ -249,47 +413,7 @@ async fn measure(
 ) -> Result<Report, BenchError> {
     let n = options.devices;
     log(&format!("registering {n} devices"));
-    let tokens = data.tokens().map_err(setup)?;
-    let stamp = format!("{:x}", now());
-    let mut devices = Vec::with_capacity(n);
-    let mut rows = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = format!("bench-{stamp}-{i}");
-        let new = tokens.generate(&id);
-        rows.push((
-            NewDevice {
-                id: id.clone(),
-                owner: "bench@example.com".into(),
-                site: "bench".into(),
-                model: None,
-                label: None,
-                created_by: "bench".into(),
-            },
-            new.sealed,
-        ));
-        devices.push(Device {
-            id,
-            token: new.token,
-            key_pkcs8: Vec::new(),
-        });
-    }
-    gateway
-        .registry()
-        .import_batch(
-            &NewBatch {
-                id: format!("bench-{stamp}"),
-                owner: "bench@example.com".into(),
-                site: "bench".into(),
-                model: None,
-                created_by: "bench".into(),
-            },
-            &rows,
-            now(),
-            &|_| {},
-        )
-        .await
-        .map_err(setup)?;
-    drop(rows);
+    let devices = register(gateway, data, n).await?;
 
     log("preparing keys, CSRs and proofs");
     let (devices, enroll_jobs) = tokio::task::spawn_blocking(move || prepare_enroll(devices))
@@ -347,6 +471,9 @@ async fn measure(
     let (one, all, cores) = tokio::task::spawn_blocking(crypto_ceiling)
         .await
         .map_err(setup)??;
+    let costs = tokio::task::spawn_blocking(crypto_costs)
+        .await
+        .map_err(setup)??;
     Ok(Report {
         op: options.op,
         requests: outcomes.len(),
@@ -362,7 +489,53 @@ async fn measure(
         ceiling_all_cores: all,
         cores,
         recorded,
+        costs,
     })
+}
+
+/// Registers `n` pending devices in one batch and returns them with their tokens.
+async fn register(gateway: &Gateway, data: &DataDir, n: usize) -> Result<Vec<Device>, BenchError> {
+    let tokens = data.tokens().map_err(setup)?;
+    let stamp = format!("{:x}", now());
+    let mut devices = Vec::with_capacity(n);
+    let mut rows = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("bench-{stamp}-{i}");
+        let new = tokens.generate(&id);
+        rows.push((
+            NewDevice {
+                id: id.clone(),
+                owner: "bench@example.com".into(),
+                site: "bench".into(),
+                model: None,
+                label: None,
+                created_by: "bench".into(),
+            },
+            new.sealed,
+        ));
+        devices.push(Device {
+            id,
+            token: new.token,
+            key_pkcs8: Vec::new(),
+        });
+    }
+    gateway
+        .registry()
+        .import_batch(
+            &NewBatch {
+                id: format!("bench-{stamp}"),
+                owner: "bench@example.com".into(),
+                site: "bench".into(),
+                model: None,
+                created_by: "bench".into(),
+            },
+            &rows,
+            now(),
+            &|_| {},
+        )
+        .await
+        .map_err(setup)?;
+    Ok(devices)
 }
 
 fn connections_used(options: &Options, devices: usize) -> usize {
@@ -455,17 +628,13 @@ struct Connection {
     replies: Replies,
 }
 
-async fn connect(
-    options: &Options,
-    root_pem: &[u8],
-    port: u16,
-    devices: &[Device],
-) -> Result<Vec<Connection>, BenchError> {
+/// A TLS client configuration (ring, TLS 1.2 and 1.3) trusting `root_pem`.
+fn client_tls(root_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, BenchError> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls_pemfile::certs(&mut &root_pem[..]) {
         roots.add(certificate.map_err(setup)?).map_err(setup)?;
     }
-    let tls = Arc::new(
+    Ok(Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -473,7 +642,16 @@ async fn connect(
         .map_err(setup)?
         .with_root_certificates(roots)
         .with_no_client_auth(),
-    );
+    ))
+}
+
+async fn connect(
+    options: &Options,
+    root_pem: &[u8],
+    port: u16,
+    devices: &[Device],
+) -> Result<Vec<Connection>, BenchError> {
+    let tls = client_tls(root_pem)?;
     let count = connections_used(options, devices.len());
     let mut connections = Vec::with_capacity(count);
     for c in 0..count {
@@ -662,6 +840,227 @@ async fn one_connection(
     Ok((replies, outcomes))
 }
 
+/// Devices that enroll one at a time after the fleet is connected: the
+/// latency of a fresh enrollment with N devices connected.
+const PROBES: usize = 100;
+
+/// The figures of a `--keep-connected` run.
+#[derive(Clone, Debug)]
+pub struct ConnectedReport {
+    /// Devices connected and enrolled in the ramp.
+    pub devices: usize,
+    /// Of which accepted.
+    pub accepted: usize,
+    /// Devices connecting at once during the ramp.
+    pub concurrency: usize,
+    /// Wall time of the ramp.
+    pub elapsed: Duration,
+    /// Connection (TCP, TLS, CONNECT, SUBSCRIBE) latency p50, p99 in the ramp.
+    pub connect: [Duration; 2],
+    /// Enrollment (request → reply) latency p50, p99 in the ramp.
+    pub enroll: [Duration; 2],
+    /// Process CPU seconds in the ramp.
+    pub cpu_seconds: f64,
+    /// Connections the gateway's front held after the ramp.
+    pub held: usize,
+    /// Open files of the process after the ramp.
+    pub open_files: usize,
+    /// Resident memory before the ramp and with every device connected, KiB.
+    pub rss_kib: [u64; 2],
+    /// Process CPU seconds per second while the fleet sat idle.
+    pub idle_cpu: f64,
+    /// Enrollment latency p50, p99 of [`PROBES`] devices enrolling one at a
+    /// time with the fleet connected (connection excluded).
+    pub probe: [Duration; 2],
+    /// Peak resident memory of the process, KiB.
+    pub peak_rss_kib: u64,
+    /// Cost of each public-key operation on this machine, this run.
+    pub costs: CryptoCosts,
+}
+
+impl ConnectedReport {
+    /// Devices connected and enrolled per second in the ramp.
+    pub fn rate(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Resident memory per connected device, KiB.
+    pub fn kib_per_device(&self) -> f64 {
+        self.rss_kib[1].saturating_sub(self.rss_kib[0]) as f64 / self.devices.max(1) as f64
+    }
+
+    /// The table header matching [`ConnectedReport::row`].
+    pub const HEADER: &'static str = "| N connected | held | devices/s | CPU/device | connect p50/p99 | enroll p50/p99 | probe p50/p99 | RSS | RSS/device | idle CPU |\n|---|---|---|---|---|---|---|---|---|---|";
+
+    /// One Markdown table row.
+    pub fn row(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "| {} | {} | {:.0} | {:.2} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} MiB | {:.1} KiB | {:.1} % |",
+            self.devices,
+            self.held,
+            self.rate(),
+            self.cpu_seconds * 1000.0 / self.accepted.max(1) as f64,
+            ms(self.connect[0]),
+            ms(self.connect[1]),
+            ms(self.enroll[0]),
+            ms(self.enroll[1]),
+            ms(self.probe[0]),
+            ms(self.probe[1]),
+            self.rss_kib[1] as f64 / 1024.0,
+            self.kib_per_device(),
+            self.idle_cpu * 100.0,
+        )
+    }
+}
+
+impl fmt::Display for ConnectedReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        writeln!(
+            f,
+            "idgate bench enroll --keep-connected: {} devices, one MQTT/TLS connection each, {} connecting at once",
+            self.devices, self.concurrency
+        )?;
+        writeln!(
+            f,
+            "  accepted              {} of {} (SQLite synchronous=FULL)",
+            self.accepted, self.devices
+        )?;
+        writeln!(
+            f,
+            "  ramp                  {:.0} devices/s connected and enrolled ({:.2} s)",
+            self.rate(),
+            self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "  CPU per device        {:.2} ms (TLS handshake, CONNECT, SUBSCRIBE, enrollment; both sides)",
+            self.cpu_seconds * 1000.0 / self.accepted.max(1) as f64
+        )?;
+        writeln!(
+            f,
+            "  connect latency       p50 {:.1} ms, p99 {:.1} ms",
+            ms(self.connect[0]),
+            ms(self.connect[1])
+        )?;
+        writeln!(
+            f,
+            "  enroll latency        p50 {:.1} ms, p99 {:.1} ms",
+            ms(self.enroll[0]),
+            ms(self.enroll[1])
+        )?;
+        writeln!(
+            f,
+            "  held                  {} connections at the front, {} open files",
+            self.held, self.open_files
+        )?;
+        writeln!(
+            f,
+            "  memory                {:.1} MiB before, {:.1} MiB connected ({:.1} KiB per device, both ends), peak {:.1} MiB",
+            self.rss_kib[0] as f64 / 1024.0,
+            self.rss_kib[1] as f64 / 1024.0,
+            self.kib_per_device(),
+            self.peak_rss_kib as f64 / 1024.0
+        )?;
+        writeln!(
+            f,
+            "  idle CPU              {:.1} % of one core with the fleet connected",
+            self.idle_cpu * 100.0
+        )?;
+        writeln!(
+            f,
+            "  probe                 p50 {:.1} ms, p99 {:.1} ms ({PROBES} more devices enrolling one at a time)",
+            ms(self.probe[0]),
+            ms(self.probe[1])
+        )?;
+        writeln!(f, "  {}", self.costs)?;
+        writeln!(f)?;
+        writeln!(f, "{}", ConnectedReport::HEADER)?;
+        write!(f, "{}", self.row())
+    }
+}
+
+fn percentiles(mut values: Vec<Duration>, ps: &[f64]) -> Vec<Duration> {
+    values.sort_unstable();
+    ps.iter()
+        .map(|p| {
+            let index = ((values.len() as f64 * p).ceil() as usize).saturating_sub(1);
+            values.get(index).copied().unwrap_or_default()
+        })
+        .collect()
+}
+
+async fn measure_connected(
+    options: &Options,
+    gateway: &Gateway,
+    data: &DataDir,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<ConnectedReport, BenchError> {
+    let n = options.devices;
+    log(&format!("registering {} devices", n + PROBES));
+    let devices = register(gateway, data, n + PROBES).await?;
+    log("preparing keys, CSRs and proofs");
+    let (devices, mut jobs) = tokio::task::spawn_blocking(move || prepare_enroll(devices))
+        .await
+        .map_err(setup)??;
+    let probe_jobs = jobs.split_off(n);
+    let ids: Vec<String> = devices.into_iter().map(|d| d.id).collect();
+    let root_pem = std::fs::read(data.root_certificate()).map_err(setup)?;
+    let dialer = connected::Dialer {
+        gateway: gateway.mqtt_address(),
+        tls: client_tls(&root_pem)?,
+    };
+    let rss_before = rss_kib();
+    log(&format!(
+        "connecting and enrolling {n} devices, {} at once (timed)",
+        options.concurrency
+    ));
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let mut fleet = connected::enroll_all(&dialer, &ids, jobs, options.concurrency).await?;
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds() - cpu_before;
+    let held = gateway.sessions().connections();
+    let open_files = open_files();
+    let rss_connected = rss_kib();
+
+    log("fleet connected: idle CPU over 2 s");
+    let idle_before = cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_cpu = (cpu_seconds() - idle_before) / 2.0;
+
+    log(&format!("{PROBES} probe enrollments, one at a time"));
+    let probes = connected::enroll_all(&dialer, &ids, probe_jobs, 1).await?;
+    let probe = percentiles(probes.iter().map(|e| e.enroll).collect(), &[0.5, 0.99]);
+    let accepted = fleet.iter().filter(|e| e.accepted).count();
+    let connect = percentiles(fleet.iter().map(|e| e.connect).collect(), &[0.5, 0.99]);
+    let enroll = percentiles(fleet.iter().map(|e| e.enroll).collect(), &[0.5, 0.99]);
+    let peak = peak_rss_kib();
+    fleet.clear();
+    drop(probes);
+    log("measuring the cost of the crypto operations (about 1 s)");
+    let costs = tokio::task::spawn_blocking(crypto_costs)
+        .await
+        .map_err(setup)??;
+    Ok(ConnectedReport {
+        devices: n,
+        accepted,
+        concurrency: options.concurrency,
+        elapsed,
+        connect: [connect[0], connect[1]],
+        enroll: [enroll[0], enroll[1]],
+        cpu_seconds: cpu,
+        held,
+        open_files,
+        rss_kib: [rss_before, rss_connected],
+        idle_cpu,
+        probe: [probe[0], probe[1]],
+        peak_rss_kib: peak,
+        costs,
+    })
+}
+
 /// P-256 ECDSA sign + verify pairs per second with ring, on one core and on
 /// every core at once (about a second each).
 fn crypto_ceiling() -> Result<(f64, f64, usize), BenchError> {
@@ -730,15 +1129,36 @@ fn cpu_seconds() -> f64 {
 
 /// Peak resident set size, KiB (VmHWM); 0 where /proc is absent.
 fn peak_rss_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+/// Resident set size now, KiB (VmRSS); 0 where /proc is absent.
+fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The soft limit on open files of this process (`ulimit -n`), if known.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Open file descriptors of this process; 0 where /proc is absent.
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 #[cfg(test)]

@@ -145,6 +145,10 @@ struct BenchArgs {
     /// Keep the benchmark's data directory here instead of a temporary one.
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// One connection per device (TLS handshake, CONNECT, SUBSCRIBE) that
+    /// stays open after its enrollment; --concurrency devices connect at once.
+    #[arg(long)]
+    keep_connected: bool,
 }
 
 #[derive(Debug, Args)]
@@ -895,7 +899,14 @@ async fn bench(command: BenchCommand) -> Result<()> {
         pipeline: args.pipeline,
         rate: args.rate,
         keep: args.keep,
+        keep_connected: args.keep_connected,
     };
+    if options.keep_connected {
+        let report =
+            idgate_gateway::bench::run_connected(&options, &|line| eprintln!("{line}")).await?;
+        say!("{report}");
+        return Ok(());
+    }
     let report = idgate_gateway::bench::run(&options, &|line| eprintln!("{line}")).await?;
     say!("{report}");
     Ok(())

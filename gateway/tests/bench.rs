@@ -38,3 +38,35 @@ fn bench_enroll_small() {
 fn bench_renew_small() {
     bench("renew", "20");
 }
+
+#[test]
+fn bench_enroll_keep_connected_small() {
+    let output = Command::new(env!("CARGO_BIN_EXE_idgate"))
+        .args([
+            "bench",
+            "enroll",
+            "--keep-connected",
+            "--devices",
+            "30",
+            "--concurrency",
+            "8",
+        ])
+        .output()
+        .expect("run idgate bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed: {stderr}");
+    println!("{stdout}");
+    assert!(
+        stdout.contains("accepted              30 of 30"),
+        "{stdout}"
+    );
+    // Every device was still connected when the figures were taken.
+    assert!(
+        stdout.contains("held                  30 connections"),
+        "{stdout}"
+    );
+    for figure in ["CPU per device", "probe", "memory", "| N connected |"] {
+        assert!(stdout.contains(figure), "no {figure} in {stdout}");
+    }
+}
