@@ -416,3 +416,55 @@ async fn a_returning_unit_keeps_its_id_and_the_journal_skips_it() {
     assert!(journal.contains("pass,ret-1,"), "{journal}");
     station.relay.close().await;
 }
+
+/// The gateway refuses a unit (here: the tokens file has a wrong token for
+/// it): the device reports the gateway's code, the station fails the unit
+/// with it, and the refusal is audited with the station as actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_unit_is_failed_with_the_gateway_code() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    import(&h, "bad", &["bad-1".to_owned()]).await;
+    let credentials = station(&h, "st-4", &["bad"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = vec![(
+        "bad-1".to_owned(),
+        "abcdefghijklmnopqrstuvwxyz234567".to_owned(),
+    )];
+    let station = Station {
+        relay: Relay::connect(&relay_options(&h, &credentials), Duration::from_secs(10))
+            .await
+            .unwrap(),
+        pool: TokenPool::open(&tokens_file(dir.path(), &wrong), None).unwrap(),
+        unit_timeout: Duration::from_secs(20),
+        hello_interval: Duration::from_millis(250),
+        reply_timeout: Duration::from_secs(10),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let options = LineDeviceOptions::new(std::fs::read(h.root_ca()).unwrap());
+    let device = tokio::spawn(async move {
+        let line = tokio::net::TcpStream::connect(address).await.unwrap();
+        run_line_device(line, &options).await
+    });
+    let (line, _) = listener.accept().await.unwrap();
+    let unit = run_unit(&station, line, "test", false, None).await;
+    match &unit.outcome {
+        UnitOutcome::Failed { reason } => {
+            assert!(reason.contains("the device failed: bad_proof"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        device.await.unwrap(),
+        Err(SimError::Rejected { code, .. }) if code == "bad_proof"
+    ));
+    assert_eq!(h.registry().certificate_count("bad-1").await.unwrap(), 0);
+    let trail = h.registry().audit_trail("bad-1").await.unwrap();
+    assert!(
+        trail
+            .iter()
+            .any(|a| a.actor == "station:st-4" && a.outcome == "bad_proof"),
+        "{trail:?}"
+    );
+    station.relay.close().await;
+}
