@@ -96,16 +96,24 @@ async fn station_commands_and_exit_status() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    let line = |address: &str, timeout: &str| {
+    let line_with = |address: &str, timeout: &str, files: &Path| {
         let mut command = idgate(&data_path);
         command
-            .args(["line", "--broker", &broker, "--station-dir"])
-            .arg(&station_dir)
+            .args([
+                "line",
+                "--broker",
+                &broker,
+                "--station",
+                "fx",
+                "--station-dir",
+            ])
+            .arg(files)
             .arg("--tokens")
             .arg(dir.path().join("b1.tokens.csv"))
             .args(["--tcp", address, "--units", "1", "--unit-timeout", timeout]);
         command
     };
+    let line = |address: &str, timeout: &str| line_with(address, timeout, &station_dir);
 
     // One good unit: exit 0, the summary on stdout, the unit on stderr.
     let good = fixture(root_pem.clone(), Behaviour::Normal).await;
@@ -124,14 +132,32 @@ async fn station_commands_and_exit_status() {
         text(&shown.stdout)
     );
 
-    // A silent unit: exit 1, the reason reported, the next id not wasted
-    // silently (the journal has it).
+    // A silent unit: exit 1, the reason reported.
     let silent = fixture(root_pem.clone(), Behaviour::Silent).await;
     let failed = run(line(&silent, "2")).await;
     let (out, err) = (text(&failed.stdout), text(&failed.stderr));
     assert_eq!(failed.status.code(), Some(1), "{out}\n{err}");
     assert!(out.contains("1 unit(s): 0 passed, 1 failed"), "{out}");
     assert!(err.contains("no hello_ack within 2s"), "{err}");
+
+    // A renewed certificate works as well, and revoking the station covers
+    // every certificate it holds.
+    let renewed_dir = dir.path().join("station-fx-renewed");
+    let mut renew = idgate(&data_path);
+    renew
+        .args(["station", "renew", "fx", "--out"])
+        .arg(&renewed_dir);
+    let renewed = run(renew).await;
+    assert!(renewed.status.success(), "{}", text(&renewed.stderr));
+    assert!(text(&renewed.stdout).contains("new certificate"));
+    // It enrolls the next unit (the silent one never answered, so it was
+    // never given an id: cli-2 is still free).
+    let spare = fixture(root_pem.clone(), Behaviour::Normal).await;
+    let with_renewed = run(line_with(&spare, "20", &renewed_dir)).await;
+    let err = text(&with_renewed.stderr);
+    assert!(err.contains("station fx connected"), "{err}");
+    assert!(err.contains("PASS cli-2"), "{err}");
+    assert!(with_renewed.status.success(), "{err}");
 
     // Revoked: the station is refused at the handshake.
     let mut revoke = idgate(&data_path);
@@ -147,14 +173,16 @@ async fn station_commands_and_exit_status() {
     .await
     .expect("revocation applied in time")
     .expect("gateway running");
-    let unused = fixture(root_pem, Behaviour::Normal).await;
-    let refused = run(line(&unused, "20")).await;
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        text(&refused.stderr).contains("connecting to the gateway"),
-        "{}",
-        text(&refused.stderr)
-    );
+    for station_files in [&station_dir, &renewed_dir] {
+        let unused = fixture(root_pem.clone(), Behaviour::Normal).await;
+        let refused = run(line_with(&unused, "20", station_files)).await;
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(
+            text(&refused.stderr).contains("connecting to the gateway"),
+            "{}",
+            text(&refused.stderr)
+        );
+    }
     gateway.shutdown().await;
 }
 

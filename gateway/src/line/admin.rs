@@ -113,6 +113,63 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Issues a new certificate and key for the registered, active station `id`
+/// (before its current one expires; that one stays valid until then).
+pub async fn renew_station(
+    data: &DataDir,
+    registry: &Registry,
+    id: &str,
+    lifetime: Duration,
+    actor: &str,
+    now: i64,
+) -> Result<StationCredentials, AddStationError> {
+    check_device_id(id).map_err(|e| AddStationError::BadId(id.to_owned(), e))?;
+    let (ca, chain) = data.load_issuing_ca()?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| AddStationError::Issue(e.to_string()))?;
+    let issued = ca
+        .issue_station(id, &key.subject_public_key_info(), lifetime, now)
+        .map_err(|e| AddStationError::Issue(e.to_string()))?;
+    let serial = issued.serial.to_string();
+    registry
+        .add_station_certificate(
+            id,
+            &StationCertificate {
+                serial: serial.clone(),
+                not_before: issued.not_before,
+                not_after: issued.not_after,
+                issued_at: now,
+                der: issued.der.clone(),
+                revoked_at: None,
+            },
+            actor,
+            now,
+        )
+        .await?;
+    credentials(data, id, &issued, &chain, &key, serial)
+}
+
+fn credentials(
+    data: &DataDir,
+    id: &str,
+    issued: &idgate_pki::profile::DeviceCertificate,
+    chain: &[Vec<u8>],
+    key: &KeyPair,
+    serial: String,
+) -> Result<StationCredentials, AddStationError> {
+    let mut pem_chain: Vec<&[u8]> = vec![&issued.der];
+    pem_chain.extend(chain.iter().map(Vec::as_slice));
+    let root_pem = crate::datadir::read_text(&data.root_certificate())?;
+    Ok(StationCredentials {
+        id: id.to_owned(),
+        certificate_pem: to_pem(&pem_chain),
+        key_pem: key.serialize_pem(),
+        root_pem,
+        serial,
+        not_after: issued.not_after,
+    })
+}
+
 /// Issues a certificate for station `id` and registers the station with the
 /// batches it may enroll devices of.
 pub async fn add_station(
@@ -156,15 +213,5 @@ pub async fn add_station(
             now,
         )
         .await?;
-    let mut pem_chain: Vec<&[u8]> = vec![&issued.der];
-    pem_chain.extend(chain.iter().map(Vec::as_slice));
-    let root_pem = crate::datadir::read_text(&data.root_certificate())?;
-    Ok(StationCredentials {
-        id: id.to_owned(),
-        certificate_pem: to_pem(&pem_chain),
-        key_pem: key.serialize_pem(),
-        root_pem,
-        serial,
-        not_after: issued.not_after,
-    })
+    credentials(data, id, &issued, &chain, &key, serial)
 }

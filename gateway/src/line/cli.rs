@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use super::admin::{StationFiles, add_station};
+use super::admin::{StationFiles, add_station, renew_station};
 use super::relay::{Relay, RelayOptions};
 use super::station::{Fixtures, Station, Summary, UnitReport, run};
 use super::tokens::TokenPool;
@@ -38,6 +38,19 @@ pub enum StationCommand {
         /// Where to write the files (default: ./station-ID). Must not hold a key yet.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Certificate lifetime in days (1 to 398).
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+    /// Issue a new certificate and key for a station before its current one
+    /// expires (written to a new directory; the old certificate stays valid
+    /// until it expires).
+    Renew {
+        /// Station id.
+        id: String,
+        /// Where to write the files (must not hold a key yet).
+        #[arg(long)]
+        out: PathBuf,
         /// Certificate lifetime in days (1 to 398).
         #[arg(long, default_value_t = 90)]
         days: u64,
@@ -147,6 +160,31 @@ async fn station_inner(
             say!(
                 "Registered station {id} for batch(es) {}; certificate serial {}, valid until {}.",
                 batches.join(", "),
+                credentials.serial,
+                format_time(credentials.not_after)
+            );
+            say!("  certificate  {}", files.certificate.display());
+            say!(
+                "  key          {} (mode 0600: copy it to the station, then delete it here)",
+                files.key.display()
+            );
+            say!("  trust        {}", files.root.display());
+            Ok(())
+        }
+        StationCommand::Renew { id, out, days } => {
+            if StationFiles::in_dir(&out).key.exists() {
+                bail!(
+                    "{} already holds a station key; pass another --out",
+                    out.display()
+                );
+            }
+            let lifetime = Duration::from_secs(days.saturating_mul(86_400));
+            let credentials = renew_station(data, registry, &id, lifetime, actor, now()).await?;
+            let files = credentials
+                .write(&out)
+                .with_context(|| format!("writing the station files into {}", out.display()))?;
+            say!(
+                "Issued station {id} a new certificate, serial {}, valid until {}.",
                 credentials.serial,
                 format_time(credentials.not_after)
             );

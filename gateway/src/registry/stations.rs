@@ -192,6 +192,49 @@ impl Registry {
         Ok(())
     }
 
+    /// Adds a new certificate to an active station (its old ones stay valid
+    /// until they expire or the station is revoked), and audits it
+    /// (`station.renew`).
+    pub async fn add_station_certificate(
+        &self,
+        id: &str,
+        certificate: &StationCertificate,
+        actor: &str,
+        at: i64,
+    ) -> Result<(), StationError> {
+        let _turn = self.write_turn.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> = sqlx::query("SELECT status FROM stations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("status"))
+            .transpose()?;
+        match status.as_deref() {
+            None => return Err(StationError::Unknown(id.to_owned())),
+            Some("revoked") => return Err(StationError::AlreadyRevoked(id.to_owned())),
+            Some(_) => {}
+        }
+        sqlx::query(
+            "INSERT INTO station_certificates (serial, station_id, not_before, not_after, \
+             issued_at, der) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&certificate.serial)
+        .bind(id)
+        .bind(certificate.not_before)
+        .bind(certificate.not_after)
+        .bind(certificate.issued_at)
+        .bind(certificate.der.clone())
+        .execute(&mut *tx)
+        .await?;
+        let audit = AuditEntry::new(at, actor, "station.renew")
+            .serial(&certificate.serial)
+            .detail(format!("station={id} not_after={}", certificate.not_after));
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// One station.
     pub async fn station(&self, id: &str) -> Result<Option<Station>, RegistryError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
