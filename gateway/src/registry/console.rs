@@ -32,8 +32,8 @@ pub enum Condition {
         /// Now, unix seconds.
         now: i64,
     },
-    /// Active devices not seen since `since` (never connected with their
-    /// certificate counts from their last certificate).
+    /// Active devices not seen since `since` (a device whose seen time was
+    /// never recorded counts from its last certificate).
     NotSeenSince {
         /// Unix seconds.
         since: i64,
@@ -601,6 +601,16 @@ mod tests {
             Some(now)
         );
 
+        // Enrolling counts as being seen.
+        assert_eq!(
+            registry
+                .device("expiring")
+                .await
+                .unwrap()
+                .unwrap()
+                .last_seen_at,
+            Some(now - day)
+        );
         let counts = registry.fleet_counts(now, day, 3 * day).await.unwrap();
         assert_eq!(counts.status(DeviceStatus::Active), 4);
         assert_eq!(counts.status(DeviceStatus::Pending), 1);

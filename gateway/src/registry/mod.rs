@@ -186,7 +186,8 @@ pub struct Device {
     pub renew_counter: i64,
     /// The label on its case.
     pub label: Option<String>,
-    /// When it last connected with its certificate (or was last connected).
+    /// When it was last heard from: enrolled, renewed, or connected with its
+    /// certificate (see `broker::presence`).
     pub last_seen_at: Option<i64>,
 }
 
@@ -1049,7 +1050,8 @@ async fn write_enrollment(
         return Err(IssuanceError::TokenUsed);
     }
     let activated = sqlx::query(
-        "UPDATE devices SET status = 'active', updated_at = $1 WHERE id = $2 AND status = 'pending'",
+        "UPDATE devices SET status = 'active', updated_at = $1, last_seen_at = $1 \
+         WHERE id = $2 AND status = 'pending'",
     )
     .bind(at)
     .bind(device_id)
@@ -1075,7 +1077,8 @@ async fn write_renewal(
     let device_id = &issuance.certificate.device_id;
     ensure_rid_free(tx, issuance).await?;
     let raised = sqlx::query(
-        "UPDATE devices SET renew_counter = $1, updated_at = $2 \
+        "UPDATE devices SET renew_counter = $1, updated_at = $2, \
+         last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < $2 THEN $2 ELSE last_seen_at END \
          WHERE id = $3 AND status = 'active' AND renew_counter < $1",
     )
     .bind(counter)

@@ -373,16 +373,7 @@ pub fn device(who: &Principal, view: &DeviceView<'_>, now: i64) -> Markup {
                 dt { "Site" } dd { (d.site) }
                 dt { "Owner" } dd { (d.owner) }
                 dt { "Model" } dd { (d.model.as_deref().unwrap_or("—")) }
-                dt { "Last seen" } dd {
-                    @match (d.last_seen_at, view.certificates.first()) {
-                        (Some(at), _) => (time_and_ago(at, now)),
-                        (None, Some(newest)) => {
-                            span.muted { "not connected with its certificate yet; last certificate issued " }
-                            (time_and_ago(newest.issued_at, now))
-                        }
-                        (None, None) => span.muted { "never" },
-                    }
-                }
+                dt { "Last seen" } dd { (last_seen(d.last_seen_at, now)) }
                 dt { "Certificate" } dd {
                     @if let Some(c) = current {
                         "valid until " (time_and_ago(c.not_after, now))
@@ -665,7 +656,7 @@ fn certificate_state(c: &CertificateRecord, now: i64) -> Markup {
 fn last_seen(at: Option<i64>, now: i64) -> Markup {
     match at {
         Some(at) => time_and_ago(at, now),
-        None => html! { span.muted { "not yet" } },
+        None => html! { span.muted { "never" } },
     }
 }
 

@@ -230,4 +230,6 @@ async fn console_in_a_browser() {
     );
     options.timeout = Duration::from_secs(30);
     renew(&options).await.expect("an untouched device renews");
+    let renewed = registry.device("th-0102").await.unwrap().unwrap();
+    assert!(renewed.last_seen_at.is_some_and(|seen| seen >= at));
 }
