@@ -418,7 +418,7 @@ async fn connection(
             5 => front.upstream.v5,
             _ => front.upstream.v4,
         };
-        let broker = TcpStream::connect(target)
+        let broker = connect_upstream(target)
             .await
             .map_err(|e| format!("broker unreachable: {e}"))?;
         let _ = broker.set_nodelay(true);
@@ -525,6 +525,32 @@ async fn connection(
     result
 }
 
+/// Loopback source addresses the front's connections to rumqttd are spread
+/// over. Every connected device holds one such connection to one of
+/// rumqttd's two ports; from 127.0.0.1 alone the ephemeral port range
+/// (about 28,000 ports) would cap the gateway near 28,000 devices.
+const UPSTREAM_SOURCES: usize = 64;
+
+/// Connects to rumqttd on loopback from the next of [`UPSTREAM_SOURCES`]
+/// source addresses, or as the system chooses where those are not usable.
+async fn connect_upstream(target: SocketAddr) -> std::io::Result<TcpStream> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    if let SocketAddr::V4(v4) = target
+        && v4.ip().is_loopback()
+    {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % UPSTREAM_SOURCES;
+        let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + n as u8);
+        let bound = tokio::net::TcpSocket::new_v4()
+            .and_then(|socket| socket.bind((source, 0).into()).map(|()| socket));
+        if let Ok(socket) = bound
+            && let Ok(stream) = socket.connect(target).await
+        {
+            return Ok(stream);
+        }
+    }
+    TcpStream::connect(target).await
+}
+
 /// CONNACK "server busy" for the client's protocol level.
 fn busy_connack(level: u8) -> Vec<u8> {
     match level {
@@ -621,6 +647,20 @@ mod tests {
         ] {
             assert!(read_connect(&mut &bad[..]).await.is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn upstream_connections_spread_over_loopback_sources() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        let mut sources = HashSet::new();
+        for _ in 0..4 {
+            let _client = connect_upstream(target).await.unwrap();
+            let (_, peer) = listener.accept().await.unwrap();
+            assert!(peer.ip().is_loopback());
+            sources.insert(peer.ip());
+        }
+        assert!(sources.len() > 1, "all from {sources:?}");
     }
 
     #[test]
