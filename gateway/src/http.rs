@@ -106,7 +106,13 @@ async fn answer(context: &Context, der: &[u8]) -> Vec<u8> {
         let status = if !context.ca.ocsp_issued_by_me(&id) {
             CertStatus::Unknown
         } else {
-            match context.registry.certificate(&hex(&id.serial)).await {
+            let serial = hex(&id.serial);
+            // Line station certificates come from the same issuing CA.
+            let record = match context.registry.certificate(&serial).await {
+                Ok(None) => context.registry.station_certificate_record(&serial).await,
+                found => found,
+            };
+            match record {
                 Ok(None) => CertStatus::Unknown,
                 Ok(Some(record)) => match record.revoked_at {
                     None => CertStatus::Good,

@@ -371,6 +371,22 @@ impl Registry {
         Ok(serials)
     }
 
+    /// One station certificate by serial, as a [`CertificateRecord`] whose
+    /// `device_id` is `station:{id}` (for the OCSP responder).
+    pub async fn station_certificate_record(
+        &self,
+        serial: &str,
+    ) -> Result<Option<CertificateRecord>, RegistryError> {
+        let row = sqlx::query(
+            "SELECT serial, station_id, not_before, not_after, issued_at, der, revoked_at, \
+             revocation_reason FROM station_certificates WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(station_record).transpose()
+    }
+
     /// Revoked station certificates that have not expired at `now`, for the
     /// CRL. `device_id` holds `station:{id}` (these are not device
     /// certificates; only the serial and revocation fields matter to a CRL).
@@ -386,23 +402,7 @@ impl Registry {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let station: String = row.try_get("station_id")?;
-                Ok(CertificateRecord {
-                    serial: row.try_get("serial")?,
-                    device_id: format!("station:{station}"),
-                    key_fingerprint: Vec::new(),
-                    not_before: row.try_get("not_before")?,
-                    not_after: row.try_get("not_after")?,
-                    issued_at: row.try_get("issued_at")?,
-                    der: row.try_get("der")?,
-                    revoked_at: row.try_get("revoked_at")?,
-                    revocation_reason: row.try_get("revocation_reason")?,
-                    renewed_from: None,
-                })
-            })
-            .collect()
+        rows.iter().map(station_record).collect()
     }
 
     /// Whether station `station_id` may relay an enrollment for `device_id`:
@@ -452,6 +452,23 @@ impl Registry {
             })
             .collect()
     }
+}
+
+/// A `station_certificates` row as a [`CertificateRecord`].
+fn station_record(row: &AnyRow) -> Result<CertificateRecord, RegistryError> {
+    let station: String = row.try_get("station_id")?;
+    Ok(CertificateRecord {
+        serial: row.try_get("serial")?,
+        device_id: format!("station:{station}"),
+        key_fingerprint: Vec::new(),
+        not_before: row.try_get("not_before")?,
+        not_after: row.try_get("not_after")?,
+        issued_at: row.try_get("issued_at")?,
+        der: row.try_get("der")?,
+        revoked_at: row.try_get("revoked_at")?,
+        revocation_reason: row.try_get("revocation_reason")?,
+        renewed_from: None,
+    })
 }
 
 /// Inside an enrollment's transaction: records the station that relayed it.

@@ -339,6 +339,41 @@ async fn a_station_is_refused_devices_outside_its_batches_and_once_revoked() {
             .revoked
             .contains(&credentials.serial)
     );
+    // The OCSP responder knows station certificates too (openssl asks it).
+    let dir = tempfile::tempdir().unwrap();
+    let station_pem = credentials
+        .certificate_pem
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap();
+    std::fs::write(dir.path().join("station.pem"), station_pem).unwrap();
+    std::fs::copy(h.data.issuing_certificate(), dir.path().join("issuing.pem")).unwrap();
+    std::fs::copy(h.root_ca(), dir.path().join("root.pem")).unwrap();
+    let url = format!("http://{}/ocsp", h.gateway.http_address());
+    let output = std::process::Command::new("openssl")
+        .args([
+            "ocsp",
+            "-issuer",
+            "issuing.pem",
+            "-cert",
+            "station.pem",
+            "-url",
+            &url,
+        ])
+        .args(["-CAfile", "root.pem", "-verify_other", "issuing.pem"])
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        out.contains("Response verify OK") && out.contains("station.pem: revoked"),
+        "{out}"
+    );
+    assert!(out.contains("keyCompromise"), "{out}");
     match Relay::connect(&options, Duration::from_secs(10)).await {
         Err(RelayError::Connect(reason)) => {
             assert!(!reason.is_empty());
