@@ -475,6 +475,13 @@ pub struct NewLogin {
     pub set_cookie: HeaderValue,
 }
 
+/// Makes the dummy hash [`log_in`] checks unknown names against, so that
+/// not even the first login with an unknown name answers faster. Blocking
+/// (one argon2 hash); the admin listener calls it once at start.
+pub fn prepare() {
+    dummy_hash();
+}
+
 /// A PHC string no password matches, verified when the account does not
 /// exist so that a wrong name costs as much time as a wrong password.
 fn dummy_hash() -> &'static str {
