@@ -65,10 +65,27 @@ impl<K: KeyStore> Exchange<K, Enroll> {
         rid: Rid,
         now_ms: u64,
     ) -> Result<Enrollment<K>, Error> {
+        let mut slot = None;
+        Self::start_in(&mut slot, config, key_store, rid, now_ms)?;
+        slot.ok_or(Error::Usage(UsageError::EmptyToken))
+    }
+
+    /// [`start`](Self::start), writing the machine into `slot` (replacing
+    /// what it held) instead of returning it: on a small MCU that saves a
+    /// second copy of its few KiB on the stack. On an error `slot` is left
+    /// as it was.
+    pub fn start_in(
+        slot: &mut Option<Enrollment<K>>,
+        config: &Config<'_>,
+        key_store: K,
+        rid: Rid,
+        now_ms: u64,
+    ) -> Result<(), Error> {
         if config.token.is_empty() {
             return Err(UsageError::EmptyToken.into());
         }
-        Exchange::begin(
+        Exchange::begin_in(
+            slot,
             config.device_id,
             config.retry,
             config.pinned_roots,

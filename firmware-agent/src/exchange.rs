@@ -347,7 +347,16 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     /// generates a fresh key in the key store's staging slot and builds a CSR for
     /// it (CN = device id, signed with that key). `encode` then writes the
     /// request around the CSR; the first transmission is ready at once.
-    pub(crate) fn begin(
+    ///
+    /// The machine is written into `slot` (replacing what it held) rather
+    /// than returned: it is a few KiB, and returning it by value costs a
+    /// small MCU's stack a second copy. On an error `slot` is left as it was.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the slot, then what every kind of request shares"
+    )]
+    pub(crate) fn begin_in(
+        slot: &mut Option<Exchange<K, R>>,
         device_id: &str,
         retry: RetryPolicy,
         pinned_roots: &[&[u8]],
@@ -355,7 +364,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
         rid: Rid,
         now_ms: u64,
         encode: impl FnOnce(&mut K, &Rid, &[u8], &mut [u8; MAX_REQUEST]) -> Result<usize, Error>,
-    ) -> Result<Exchange<K, R>, Error> {
+    ) -> Result<(), Error> {
         check_device_id(device_id).map_err(UsageError::BadDeviceId)?;
         retry.check()?;
         if pinned_roots.is_empty() {
@@ -403,13 +412,15 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
         })?;
         let mut buf = [0u8; MAX_REQUEST];
         let len = encode(&mut key_store, &rid, &csr[..csr_len], &mut buf)?;
-        let request = heapless::Vec::from_slice(buf.get(..len).unwrap_or_default())
-            .map_err(|_| UsageError::BadRid(IdError::TooLong))?;
+        let request = buf.get(..len).unwrap_or_default();
+        if request.len() > MAX_REQUEST {
+            return Err(UsageError::BadRid(IdError::TooLong).into());
+        }
 
         let mut jitter = Jitter::seeded_from(rid.as_str().as_bytes());
         let deadline_ms = now_ms.saturating_add(retry.timeout_ms(1, &mut jitter));
         debug!("{}: request ready, rid {}", R::OP.as_str(), rid.as_str());
-        Ok(Exchange {
+        *slot = Some(Exchange {
             key_store,
             device_id: id,
             rid,
@@ -420,15 +431,25 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             jitter,
             anchors,
             attempts: 1,
-            state: State::ExpectCertificate(ExpectCertificate {
-                request,
-                deadline_ms,
-                transmit_pending: true,
-            }),
+            // Filled in place below: a `State` built here would be a
+            // temporary of its largest variant (3 KiB).
+            state: State::GaveUp,
             events: heapless::Deque::new(),
             ignored: 0,
             kind: PhantomData,
-        })
+        });
+        if let Some(exchange) = slot.as_mut() {
+            exchange.state = State::ExpectCertificate(ExpectCertificate {
+                request: heapless::Vec::new(),
+                deadline_ms,
+                transmit_pending: true,
+            });
+            if let State::ExpectCertificate(waiting) = &mut exchange.state {
+                // Checked above: the request fits.
+                let _ = waiting.request.extend_from_slice(request);
+            }
+        }
+        Ok(())
     }
 
     /// The topics to subscribe to (accepted, rejected) before the first transmission.

@@ -73,7 +73,9 @@ impl<K: KeyStore> Exchange<K, Renew> {
         key_store
             .public_key(KeySlot::Current)
             .map_err(|e| key_error(KeyOperation::SignRenewal, &e))?;
-        Exchange::begin(
+        let mut slot = None;
+        Exchange::begin_in(
+            &mut slot,
             config.device_id,
             config.retry,
             config.pinned_roots,
@@ -107,6 +109,8 @@ impl<K: KeyStore> Exchange<K, Renew> {
                     .encode_cbor(buf)
                     .map_err(|_| UsageError::BadRid(IdError::TooLong))?)
             },
-        )
+        )?;
+        // `begin_in` filled the slot when it returned Ok.
+        slot.ok_or(Error::Usage(UsageError::BadSerial(IdError::Empty)))
     }
 }
