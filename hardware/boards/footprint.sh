@@ -103,7 +103,7 @@ rm -f "$fifo.out"
 if ((enroll)); then
     echo
     echo "== peak stack of a real enrollment (QEMU, real gateway; tests/tests/e2e/qemu.rs)"
-    report=$(cargo test --locked -q -p idgate-tests --test e2e qemu -- --nocapture 2>&1) \
+    report=$(cargo test --locked -q -p idgate-tests --test e2e qemu::lm3s6965 -- --nocapture 2>&1) \
         || { echo "$report" >&2; exit 1; }
     grep -E "footprint: stack peak" <<<"$report" | sed 's/^/  /'
     peak=$(grep -oE "stack peak [0-9]+" <<<"$report" | grep -oE "[0-9]+" | head -n 1)

@@ -298,10 +298,9 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
             retry: RetryPolicy::DEFAULT,
             pinned_roots: &roots,
         };
-        // Straight into its place: `start`'s result is a few KiB, and a
-        // `match` that moves it would hold a second copy on the stack.
-        self.enrollment = Enrollment::start(&config, keys, rid, now).ok();
-        if self.enrollment.is_some() {
+        // Straight into its place: the machine is a few KiB, and returning
+        // it by value would hold a second copy on the stack.
+        if Enrollment::start_in(&mut self.enrollment, &config, keys, rid, now).is_ok() {
             self.device_id.clear();
             // `start` checked the id, which fits MAX_ID.
             let _ = self.device_id.push_str(device_id);
