@@ -109,11 +109,18 @@ async fn silent_connections_do_not_block_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_mtls_connects_gets_in_or_gets_busy() {
-    const CLIENTS: usize = 1000;
-    const LIMIT: usize = 600;
-    let h = Harness::start_with(TestDatabase::Sqlite, |s| s.limits.max_connections = LIMIT)
-        .await
-        .unwrap();
+    // Sized so that the storm overflows the limit yet fits in the time the
+    // front gives a handshake even when the other e2e tests share the two
+    // cores: this checks admission control, not handshake speed (that is in
+    // `idgate bench enroll --keep-connected`).
+    const CLIENTS: usize = 400;
+    const LIMIT: usize = 250;
+    let h = Harness::start_with(TestDatabase::Sqlite, |s| {
+        s.limits.max_connections = LIMIT;
+        s.limits.handshake_timeout = Duration::from_secs(120);
+    })
+    .await
+    .unwrap();
     let identities: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let id = format!("storm-{i:04}");
