@@ -475,19 +475,11 @@ pub struct NewLogin {
     pub set_cookie: HeaderValue,
 }
 
-/// Makes the dummy hash [`log_in`] checks unknown names against, so that
-/// not even the first login with an unknown name answers faster. Blocking
-/// (one argon2 hash); the admin listener calls it once at start.
-pub fn prepare() {
-    dummy_hash();
-}
-
-/// A PHC string no password matches, verified when the account does not
-/// exist so that a wrong name costs as much time as a wrong password.
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(&random_secret()).unwrap_or_default())
-}
+/// What a login with an unknown name is checked against, so that a wrong
+/// name costs the same argon2 work (same parameters) as a wrong password.
+/// The hash of a random password nobody kept; a match would not log anyone
+/// in anyway, as there is no account.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$Lruvqc+tLbo+57AujfVZ3g$xth4cZ6eocnsnmxo+K3aF77ZUnxtqnMLsQN26G3oAh0";
 
 /// Checks a name and password and opens a session. Refuses with
 /// [`LoginError::RateLimited`] (before checking the password) once the
@@ -528,7 +520,7 @@ pub async fn log_in(
     };
     let stored = account
         .as_ref()
-        .map_or_else(|| dummy_hash().to_owned(), |a| a.password_hash.clone());
+        .map_or_else(|| DUMMY_HASH.to_owned(), |a| a.password_hash.clone());
     let password = password.to_owned();
     let matches = tokio::task::spawn_blocking(move || verify_password(&password, &stored))
         .await
@@ -765,6 +757,15 @@ mod tests {
             Err("forbidden")
         );
         assert_eq!(viewer.actor(), "token:v");
+    }
+
+    #[test]
+    fn the_dummy_hash_costs_what_a_real_one_costs() {
+        let real = hash_password("any password at all").unwrap();
+        let parameters = |phc: &str| phc.split('$').take(4).collect::<Vec<_>>().join("$");
+        assert_eq!(parameters(DUMMY_HASH), parameters(&real));
+        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+        assert!(!verify_password("", DUMMY_HASH));
     }
 
     #[test]

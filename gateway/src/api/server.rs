@@ -201,7 +201,6 @@ pub async fn serve(
             return;
         }
     };
-    tokio::task::spawn_blocking(auth::prepare);
     tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
     let service = app(state).into_make_service_with_connect_info::<ClientAddr>();
     if let Err(e) = axum::serve(tls, service)
