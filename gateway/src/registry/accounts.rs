@@ -576,27 +576,6 @@ mod tests {
     use super::*;
     use crate::testing::{TestDatabase, registry};
 
-    macro_rules! on_both_backends {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite {
-                $(
-                    #[tokio::test]
-                    async fn $name() {
-                        super::$name(crate::testing::TestDatabase::Sqlite).await;
-                    }
-                )*
-            }
-            mod postgres {
-                $(
-                    #[tokio::test]
-                    async fn $name() {
-                        super::$name(crate::testing::TestDatabase::Postgres).await;
-                    }
-                )*
-            }
-        };
-    }
-
     on_both_backends!(accounts_and_sessions, api_tokens, login_failures_age_out);
 
     fn account(name: &str, role: Role) -> Account {

@@ -364,27 +364,6 @@ mod tests {
     use crate::registry::{CertificateRecord, Issuance, NewDevice, StatusChange};
     use crate::testing::{TestDatabase, registry};
 
-    macro_rules! on_both_backends {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite {
-                $(
-                    #[tokio::test]
-                    async fn $name() {
-                        super::$name(crate::testing::TestDatabase::Sqlite).await;
-                    }
-                )*
-            }
-            mod postgres {
-                $(
-                    #[tokio::test]
-                    async fn $name() {
-                        super::$name(crate::testing::TestDatabase::Postgres).await;
-                    }
-                )*
-            }
-        };
-    }
-
     on_both_backends!(
         search_finds_by_every_field,
         search_pages_and_conditions,

@@ -208,27 +208,6 @@ mod tests {
     use crate::registry::NewDevice;
     use crate::testing::{TestDatabase, registry};
 
-    macro_rules! on_both_backends {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite {
-                $(
-                    #[tokio::test]
-                    async fn $name() {
-                        super::$name(crate::testing::TestDatabase::Sqlite).await;
-                    }
-                )*
-            }
-            mod postgres {
-                $(
-                    #[tokio::test]
-                    async fn $name() {
-                        super::$name(crate::testing::TestDatabase::Postgres).await;
-                    }
-                )*
-            }
-        };
-    }
-
     on_both_backends!(filters_and_pages, edits_are_audited);
 
     async fn add(registry: &Registry, id: &str, site: &str, owner: &str, model: &str) {

@@ -12,6 +12,31 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use tokio::sync::Mutex;
 
+/// Defines each named `async fn name(db: TestDatabase)` test of the module
+/// twice, as `sqlite::name` and `postgres::name`: every registry test runs on
+/// both backends. Defined before the submodules so that all of them see it.
+#[cfg(test)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::testing::TestDatabase::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(crate::testing::TestDatabase::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
 mod accounts;
 mod batches;
 mod devices;

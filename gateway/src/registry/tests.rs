@@ -3,27 +3,6 @@
 use super::*;
 use crate::testing::{TestDatabase, registry};
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(crate::testing::TestDatabase::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(crate::testing::TestDatabase::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     add_list_and_show,
     batch_import_is_all_or_nothing,
