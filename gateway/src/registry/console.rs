@@ -6,7 +6,10 @@
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{AuditEntry, Device, DeviceStatus, Registry, RegistryError, device_from_row};
+use super::{
+    AuditEntry, Device, DeviceStatus, Registry, RegistryError, audit_entry_from_row,
+    device_from_row,
+};
 
 /// Most rows one page of devices or audit entries may hold.
 pub const MAX_PAGE: i64 = 200;
@@ -319,20 +322,7 @@ impl Registry {
         let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), &values)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AuditEntry {
-                    id: row.try_get("id")?,
-                    at: row.try_get("at")?,
-                    actor: row.try_get("actor")?,
-                    action: row.try_get("action")?,
-                    device_id: row.try_get("device_id")?,
-                    serial: row.try_get("serial")?,
-                    outcome: row.try_get("outcome")?,
-                    detail: row.try_get("detail")?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_entry_from_row).collect()
     }
 
     /// Records when devices were seen, in one transaction; a time never moves

@@ -1018,20 +1018,7 @@ impl Registry {
         .bind(device_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AuditEntry {
-                    id: row.try_get("id")?,
-                    at: row.try_get("at")?,
-                    actor: row.try_get("actor")?,
-                    action: row.try_get("action")?,
-                    device_id: row.try_get("device_id")?,
-                    serial: row.try_get("serial")?,
-                    outcome: row.try_get("outcome")?,
-                    detail: row.try_get("detail")?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_entry_from_row).collect()
     }
 
     /// Number of certificates issued to all devices (for reports).
@@ -1357,3 +1344,17 @@ pub fn now() -> i64 {
 
 #[cfg(test)]
 mod tests;
+
+/// An [`AuditEntry`] from a row of every `audit_log` column.
+pub(crate) fn audit_entry_from_row(row: &AnyRow) -> Result<AuditEntry, RegistryError> {
+    Ok(AuditEntry {
+        id: row.try_get("id")?,
+        at: row.try_get("at")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        device_id: row.try_get("device_id")?,
+        serial: row.try_get("serial")?,
+        outcome: row.try_get("outcome")?,
+        detail: row.try_get("detail")?,
+    })
+}
