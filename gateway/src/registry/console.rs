@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::{
     AuditEntry, Device, DeviceStatus, Registry, RegistryError, audit_entry_from_row,
-    device_from_row,
+    contains_condition, contains_patterns, device_from_row,
 };
 
 /// Most rows one page of devices or audit entries may hold.
@@ -102,21 +102,6 @@ const NEWEST_NOT_AFTER: &str =
 const LAST_SEEN: &str = "COALESCE(d.last_seen_at, \
      (SELECT MAX(c.issued_at) FROM certificates c WHERE c.device_id = d.id))";
 
-/// `text` as a LIKE pattern matching it anywhere, lowercase, with `%`, `_`
-/// and the escape character itself taken literally.
-fn contains_pattern(text: &str) -> String {
-    let mut pattern = String::with_capacity(text.len() + 2);
-    pattern.push('%');
-    for c in text.to_lowercase().chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('%');
-    pattern
-}
-
 /// The `WHERE` clause for `query` and the values it binds, in order.
 fn where_clause(query: &DeviceQuery) -> (String, Vec<Value>) {
     let mut sql = String::from(" WHERE 1 = 1");
@@ -131,11 +116,19 @@ fn where_clause(query: &DeviceQuery) -> (String, Vec<Value>) {
         .map(str::trim)
         .filter(|t| !t.is_empty())
     {
-        let p = bind(&mut values, Value::Text(contains_pattern(text)));
-        sql.push_str(&format!(
-            " AND (LOWER(d.id) LIKE {p} ESCAPE '\\' OR LOWER(d.site) LIKE {p} ESCAPE '\\' \
-             OR LOWER(d.owner) LIKE {p} ESCAPE '\\' OR LOWER(COALESCE(d.model, '')) LIKE {p} ESCAPE '\\' \
-             OR LOWER(COALESCE(d.label, '')) LIKE {p} ESCAPE '\\')"
+        let [ascii, unicode] = contains_patterns(text);
+        values.push(Value::Text(ascii));
+        let first = values.len();
+        values.push(Value::Text(unicode));
+        sql.push_str(&contains_condition(
+            &[
+                "d.id",
+                "d.site",
+                "d.owner",
+                "COALESCE(d.model, '')",
+                "COALESCE(d.label, '')",
+            ],
+            first,
         ));
     }
     match &query.condition {
@@ -306,11 +299,13 @@ impl Registry {
         );
         let mut values = Vec::new();
         if let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) {
-            values.push(Value::Text(contains_pattern(text)));
-            let p = values.len();
-            sql.push_str(&format!(
-                " AND (LOWER(actor) LIKE ${p} ESCAPE '\\' OR LOWER(action) LIKE ${p} ESCAPE '\\' \
-                 OR LOWER(COALESCE(device_id, '')) LIKE ${p} ESCAPE '\\')"
+            let [ascii, unicode] = contains_patterns(text);
+            values.push(Value::Text(ascii));
+            let first = values.len();
+            values.push(Value::Text(unicode));
+            sql.push_str(&contains_condition(
+                &["actor", "action", "COALESCE(device_id, '')"],
+                first,
             ));
         }
         if let Some(before) = before {
@@ -443,6 +438,7 @@ mod tests {
         )
         .await;
         add(&registry, device("pct_50", "Munich", "bob@x.io", None), 1).await;
+        add(&registry, device("th-102", "Étage 2", "eve@x.io", None), 1).await;
 
         let search = |text: &'static str| {
             let registry = &registry;
@@ -455,12 +451,16 @@ mod tests {
         };
         // Site, case-insensitively and in part.
         assert_eq!(ids(&search("berlin").await), ["th-100"]);
+        // A site with a non-ASCII capital, as typed and in capitals, on both
+        // backends (SQLite's LOWER folds ASCII only).
+        assert_eq!(ids(&search("Étage").await), ["th-102"]);
+        assert_eq!(ids(&search("ÉTAGE 2").await), ["th-102"]);
         // Owner, model, label.
         assert_eq!(
             ids(&search("BOB@").await),
             ["pct_50", "r2-17-spare", "th-101"]
         );
-        assert_eq!(search("thermo").await.total, 4);
+        assert_eq!(search("thermo").await.total, 5);
         assert_eq!(ids(&search("kitchen").await), ["th-101"]);
         // An exact label match comes before ids that merely contain it.
         assert_eq!(ids(&search("r2-17").await), ["th-100", "r2-17-spare"]);

@@ -5,8 +5,8 @@
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{
-    AuditEntry, Device, DeviceStatus, Registry, RegistryError, device_from_row, ensure_owner,
-    insert_audit,
+    AuditEntry, Device, DeviceStatus, Registry, RegistryError, contains_condition,
+    contains_patterns, device_from_row, ensure_owner, insert_audit,
 };
 
 /// Which devices a listing holds; `None` matches everything.
@@ -48,20 +48,6 @@ pub struct DeviceEdit {
     pub label: Option<Option<String>>,
 }
 
-/// `text` as a LIKE pattern matching it anywhere, lowercase, with `%`, `_`
-/// and `\` taken literally.
-fn contains(text: &str) -> String {
-    let mut pattern = String::from("%");
-    for c in text.to_lowercase().chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('%');
-    pattern
-}
-
 impl Registry {
     /// Up to `limit` devices matching `filter` with ids after `after`, by id.
     pub async fn device_list_page(
@@ -93,12 +79,19 @@ impl Registry {
             .map(str::trim)
             .filter(|t| !t.is_empty())
         {
-            values.push(contains(text));
-            let p = values.len();
-            clause.push_str(&format!(
-                " AND (LOWER(id) LIKE ${p} ESCAPE '\\' OR LOWER(site) LIKE ${p} ESCAPE '\\' \
-                 OR LOWER(owner) LIKE ${p} ESCAPE '\\' OR LOWER(COALESCE(model, '')) LIKE ${p} ESCAPE '\\' \
-                 OR LOWER(COALESCE(label, '')) LIKE ${p} ESCAPE '\\')"
+            let [ascii, unicode] = contains_patterns(text);
+            values.push(ascii);
+            let first = values.len();
+            values.push(unicode);
+            clause.push_str(&contains_condition(
+                &[
+                    "id",
+                    "site",
+                    "owner",
+                    "COALESCE(model, '')",
+                    "COALESCE(label, '')",
+                ],
+                first,
             ));
         }
         let mut count = sqlx::query(AssertSqlSafe(format!(

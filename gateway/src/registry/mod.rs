@@ -1358,3 +1358,38 @@ pub(crate) fn audit_entry_from_row(row: &AnyRow) -> Result<AuditEntry, RegistryE
         detail: row.try_get("detail")?,
     })
 }
+
+/// `text` as the two LIKE patterns of a case-insensitive "contains" search,
+/// with `%`, `_` and `\` taken literally: one lowercased by ASCII rules only
+/// (SQLite's `LOWER`, and PostgreSQL's in the C locale, fold nothing else),
+/// one by Unicode rules (PostgreSQL's `LOWER` in a UTF-8 locale). With both,
+/// a site typed as stored ("Étage 2") is found on either backend.
+pub(crate) fn contains_patterns(text: &str) -> [String; 2] {
+    let pattern = |folded: String| {
+        let mut pattern = String::with_capacity(folded.len() + 2);
+        pattern.push('%');
+        for c in folded.chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
+        pattern
+    };
+    [
+        pattern(text.to_ascii_lowercase()),
+        pattern(text.to_lowercase()),
+    ]
+}
+
+/// The SQL condition ` AND (…)` that any of `columns` contains the text
+/// whose [`contains_patterns`] are bound as `$first` and `$first + 1`.
+pub(crate) fn contains_condition(columns: &[&str], first: usize) -> String {
+    let (a, b) = (first, first + 1);
+    let terms: Vec<String> = columns
+        .iter()
+        .map(|c| format!("LOWER({c}) LIKE ${a} ESCAPE '\\' OR LOWER({c}) LIKE ${b} ESCAPE '\\'"))
+        .collect();
+    format!(" AND ({})", terms.join(" OR "))
+}
