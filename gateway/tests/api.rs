@@ -313,6 +313,57 @@ async fn login_logout_and_csrf() {
     admin.gateway.shutdown().await;
 }
 
+/// Where a login sends the browser next: only a path on this site, whatever
+/// a browser would make of the rest (tabs dropped, `\\` read as `/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_redirects_stay_on_this_site() {
+    let admin = Admin::start().await;
+    admin.add_user("alice", "viewer", PASSWORD);
+    let offsite = [
+        "/\t/evil.example",
+        "/%09/evil.example",
+        "/\\evil.example",
+        "//evil.example",
+        "/%2F/evil.example",
+        "/%5C%5Cevil.example",
+        "https://evil.example/",
+    ];
+    let browser = admin.client();
+    for next in offsite {
+        let response = browser
+            .post(admin.url("/login"))
+            .form(&[
+                ("username", "alice"),
+                ("password", PASSWORD),
+                ("next", next),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{next:?}");
+        assert_eq!(response.headers()[LOCATION], "/", "{next:?}");
+    }
+    // Already logged in, `GET /login?next=` redirects at once: same rule.
+    for next in offsite {
+        let response = browser
+            .get(admin.url("/login"))
+            .query(&[("next", next)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{next:?}");
+        assert_eq!(response.headers()[LOCATION], "/", "{next:?}");
+    }
+    let response = browser
+        .get(admin.url("/login"))
+        .query(&[("next", "/devices?q=hall+b")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()[LOCATION], "/devices?q=hall+b");
+    admin.gateway.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_tokens() {
     let admin = Admin::start().await;

@@ -605,11 +605,59 @@ pub struct LoginForm {
     pub next: Option<String>,
 }
 
-/// `next` if it is a path on this site (not `//host`, not a URL).
-fn local_path(next: Option<&str>) -> Option<&str> {
-    next.filter(|n| {
-        n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') && !n.contains("://")
-    })
+/// `next` if it is a path on this site, else `None` (the caller goes to `/`).
+///
+/// Browsers are lenient about what follows the first `/`: they drop tabs and
+/// newlines and read `\\` as `/`, so `/\tevil.example` or `/\\evil.example`
+/// become `//evil.example`, another host. Rather than list what is
+/// dangerous, accept only one `/` followed by plain path and query
+/// characters, and check the percent-decoded form too (`/%2F/evil`).
+pub(crate) fn local_path(next: &str) -> Option<&str> {
+    fn plain(path: &[u8]) -> bool {
+        path.first() == Some(&b'/')
+            && path.get(1) != Some(&b'/')
+            && path.iter().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'/' | b'.' | b'_' | b'~' | b'%' | b'?' | b'=' | b'&' | b'-' | b'+'
+                    )
+            })
+    }
+    fn decoded_safe(path: &[u8]) -> bool {
+        path.first() == Some(&b'/')
+            && path.get(1) != Some(&b'/')
+            && !path.iter().any(|&b| b == b'\\' || b.is_ascii_control())
+    }
+    if !plain(next.as_bytes()) {
+        return None;
+    }
+    // Twice, for a proxy or browser that decodes once more (`%252F`).
+    let once = percent_decode(next.as_bytes());
+    let twice = percent_decode(&once);
+    (decoded_safe(&once) && decoded_safe(&twice)).then_some(next)
+}
+
+/// `%XX` decoded; a `%` not followed by two hex digits is kept as is.
+fn percent_decode(text: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'%'
+            && let (Some(high), Some(low)) = (
+                text.get(i + 1).and_then(|&b| hex(b)),
+                text.get(i + 2).and_then(|&b| hex(b)),
+            )
+        {
+            out.push((high * 16 + low) as u8);
+            i += 3;
+        } else {
+            out.push(text[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 fn percent_encode(text: &str) -> String {
@@ -648,7 +696,7 @@ pub async fn login_form(
     let Ok(Form(form)) = form else {
         return Redirect::to("/login?error=invalid_request").into_response();
     };
-    let next = local_path(form.next.as_deref());
+    let next = form.next.as_deref().and_then(local_path);
     let failed = |code: &str| {
         let mut to = format!("/login?error={code}");
         if let Some(next) = next {
@@ -799,14 +847,36 @@ mod tests {
 
     #[test]
     fn only_local_paths_are_followed() {
-        assert_eq!(local_path(Some("/devices/d1")), Some("/devices/d1"));
+        for good in [
+            "/",
+            "/devices/d1",
+            "/devices?q=sensor-1&state=active",
+            "/devices?q=hall+b",
+            "/audit?before=01J%3A5",
+            "/devices/a%20b",
+        ] {
+            assert_eq!(local_path(good), Some(good), "{good}");
+        }
         for bad in [
             "//evil.example",
+            "/\\evil.example",
+            "/\tevil.example",
+            "/\t/evil.example",
+            "/%09/evil.example",
+            "/%2F/evil.example",
+            "/%2f/evil.example",
+            "/%252F/evil.example",
+            "/%5Cevil.example",
+            "/%0D%0ALocation:x",
+            "/\r\nSet-Cookie:x",
             "https://evil.example",
+            "http:/evil.example",
             "devices",
-            "/\\evil",
+            "",
+            " /devices",
+            "/devices/é",
         ] {
-            assert_eq!(local_path(Some(bad)), None, "{bad}");
+            assert_eq!(local_path(bad), None, "{bad:?}");
         }
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8443"));

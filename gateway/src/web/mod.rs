@@ -196,8 +196,8 @@ async fn stylesheet() -> impl IntoResponse {
 async fn login(who: Option<Principal>, Query(params): Query<HashMap<String, String>>) -> Response {
     let next = params
         .get("next")
-        .filter(|n| n.starts_with('/') && !n.starts_with("//"))
-        .map_or("/", String::as_str);
+        .and_then(|n| crate::api::auth::local_path(n))
+        .unwrap_or("/");
     if who.is_some() {
         return Redirect::to(next).into_response();
     }
