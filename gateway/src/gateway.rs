@@ -157,6 +157,7 @@ impl Gateway {
             revocation: state_rx.clone(),
             http_address,
             settings: Arc::new(settings.admin.clone()),
+            logins: Default::default(),
         };
         let (upstream, bus) = embedded::start().await?;
         let publisher = bus.replies.clone();

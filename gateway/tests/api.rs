@@ -439,11 +439,28 @@ async fn failed_logins_are_rate_limited() {
             .json(&json!({ "username": name, "password": password }))
             .send()
     };
+    // Five guesses at alice from another address: the requests reach the
+    // gateway from 127.0.0.1, so they are recorded as the registry would
+    // record them from that address.
+    let registry = admin.gateway.registry();
+    for i in 0..5 {
+        let audit =
+            idgate_gateway::registry::AuditEntry::new(now() - i, "user:alice", "account.login")
+                .outcome("invalid_credentials");
+        registry
+            .record_login_failure(&["account:alice@192.0.2.66", "ip:192.0.2.66"], &audit, 0)
+            .await
+            .unwrap();
+    }
+    // ... do not keep alice out from her own address.
+    let response = login("alice", PASSWORD).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
     for _ in 0..5 {
         let response = login("alice", "guess guess guess").await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
-    // Even the right password is refused now, before it is checked.
+    // Five from this address: even the right password is refused now,
+    // before it is checked.
     let response = login("alice", PASSWORD).await.unwrap();
     let retry_after: u64 = response.headers()[RETRY_AFTER]
         .to_str()
@@ -479,6 +496,47 @@ async fn failed_logins_are_rate_limited() {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "attempt {i}");
     }
     let response = login("bob", PASSWORD).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    admin.gateway.shutdown().await;
+}
+
+/// Guesses sent all at once are counted while they are checked: no more
+/// than the limit reach argon2, the rest are refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_do_not_overrun_the_limit() {
+    let admin = Admin::start().await;
+    admin.add_user("alice", "operator", PASSWORD);
+    let client = admin.client();
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let request = client
+            .post(admin.url("/api/v1/login"))
+            .json(&json!({ "username": "alice", "password": format!("guess {i:02} guess") }));
+        guesses.spawn(async move { request.send().await.expect("login request").status() });
+    }
+    let statuses: Vec<StatusCode> = guesses.join_all().await;
+    let checked = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((checked, refused), (5, 11), "{statuses:?}");
+    let failures = admin
+        .gateway
+        .registry()
+        .login_failures(&["account:alice@127.0.0.1", "ip:127.0.0.1"], 0)
+        .await
+        .unwrap();
+    assert_eq!(failures, [5, 5]);
+    let response = client
+        .post(admin.url("/api/v1/login"))
+        .json(&json!({ "username": "alice", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     admin.gateway.shutdown().await;
 }

@@ -33,7 +33,8 @@
 //! - `POST /login` ([`login_form`]): form fields `username`, `password` and an
 //!   optional `next` (a local path). Success: 303 to `next` (default `/`) with
 //!   the session cookie. Failure: 303 to `/login?error=CODE` (plus `&next=…`),
-//!   where CODE is `invalid_credentials`, `rate_limited` or `invalid_request`;
+//!   where CODE is `invalid_credentials`, `rate_limited`, `busy` or
+//!   `invalid_request`;
 //!   the console's `GET /login` page shows the matching message. Scripts use
 //!   `POST /api/v1/login` instead, which answers 401 and 429 directly.
 //! - `POST /logout` ([`logout_form`]): ends the session, clears the cookie,
@@ -432,6 +433,9 @@ pub enum LoginError {
     /// Too many failures for the account or the client address.
     #[error("too many failed logins; try again in {0} seconds")]
     RateLimited(u64),
+    /// Too many logins are being checked at once; try again in a moment.
+    #[error("too many logins at once; try again in a few seconds")]
+    Busy,
     /// The registry failed (logged).
     #[error("internal error")]
     Internal,
@@ -443,6 +447,7 @@ impl LoginError {
         match self {
             LoginError::InvalidCredentials => "invalid_credentials",
             LoginError::RateLimited(_) => "rate_limited",
+            LoginError::Busy => "busy",
             LoginError::Internal => "internal",
         }
     }
@@ -455,6 +460,10 @@ impl From<LoginError> for ApiError {
                 ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
             }
             LoginError::RateLimited(seconds) => ApiError::rate_limited(seconds),
+            LoginError::Busy => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string())
+            },
             LoginError::Internal => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -483,7 +492,10 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$Lruvqc+tLbo+57AujfVZ3g$
 
 /// Checks a name and password and opens a session. Refuses with
 /// [`LoginError::RateLimited`] (before checking the password) once the
-/// account or the client address has too many recent failures.
+/// account has too many recent failures from this client address, or the
+/// address too many in all; attempts under way count as failures until they
+/// are decided, so parallel guesses cannot overrun the limit. At most
+/// [`super::login_gate::MAX_VERIFYING`] passwords are verified at once.
 pub async fn log_in(
     state: &AdminState,
     client: &str,
@@ -494,22 +506,36 @@ pub async fn log_in(
     let settings = &state.settings;
     let window = settings.login_window.as_secs() as i64;
     let valid_name = check_account_name(username).is_ok();
-    let account_subject = format!("account:{}", if valid_name { username } else { "-" });
+    // What goes in the log: a name typed into the wrong field may be a
+    // password, or anything at all.
+    let logged_name = if valid_name { username } else { "-" };
+    let pair_subject = format!("account:{username}@{client}");
     let client_subject = format!("ip:{client}");
-    let counts = state
-        .registry
-        .login_failures(&[&account_subject, &client_subject], at - window)
+    let mut limits = vec![(client_subject.as_str(), settings.max_failures_per_client)];
+    if valid_name {
+        limits.push((
+            pair_subject.as_str(),
+            settings.max_failures_per_account_client,
+        ));
+    }
+    let reservation = state
+        .logins
+        .reserve(&limits, async |subjects: &[&str]| {
+            state.registry.login_failures(subjects, at - window).await
+        })
         .await
         .map_err(|e| {
             ApiError::internal(e);
             LoginError::Internal
+        })?
+        .map_err(|_| {
+            warn!(account = %logged_name, %client, "login refused: rate limited");
+            LoginError::RateLimited(window as u64)
         })?;
-    if counts[0] >= i64::from(settings.max_failures_per_account)
-        || counts[1] >= i64::from(settings.max_failures_per_client)
-    {
-        warn!(account = %username, %client, "login refused: rate limited");
-        return Err(LoginError::RateLimited(window as u64));
-    }
+    let slot = state.logins.verification_slot().await.map_err(|_| {
+        warn!(account = %logged_name, %client, "login refused: too many at once");
+        LoginError::Busy
+    })?;
     let account = if valid_name {
         state.registry.account(username).await.map_err(|e| {
             ApiError::internal(e);
@@ -525,6 +551,7 @@ pub async fn log_in(
     let matches = tokio::task::spawn_blocking(move || verify_password(&password, &stored))
         .await
         .unwrap_or(false);
+    drop(slot);
     let account = account.filter(|a| matches && a.disabled_at.is_none());
     let Some(account) = account else {
         let actor = if valid_name {
@@ -535,11 +562,7 @@ pub async fn log_in(
         let audit = AuditEntry::new(at, actor, "account.login")
             .outcome("invalid_credentials")
             .detail(format!("client={client}"));
-        let subjects: Vec<&str> = if valid_name {
-            vec![&account_subject, &client_subject]
-        } else {
-            vec![&client_subject]
-        };
+        let subjects: Vec<&str> = limits.iter().map(|(s, _)| *s).collect();
         if let Err(e) = state
             .registry
             .record_login_failure(&subjects, &audit, at - window)
@@ -547,9 +570,11 @@ pub async fn log_in(
         {
             ApiError::internal(e);
         }
-        warn!(account = %username, %client, "login failed");
+        drop(reservation);
+        warn!(account = %logged_name, %client, "login failed");
         return Err(LoginError::InvalidCredentials);
     };
+    drop(reservation);
     let cookie = random_secret();
     let session = Session {
         account: account.name.clone(),
@@ -572,7 +597,7 @@ pub async fn log_in(
             ApiError::internal(e);
             LoginError::Internal
         })?;
-    if let Err(e) = state.registry.clear_login_failures(&account_subject).await {
+    if let Err(e) = state.registry.clear_login_failures(&pair_subject).await {
         warn!(error = %e, "cannot clear failed logins");
     }
     info!(account = %account.name, %client, "logged in");

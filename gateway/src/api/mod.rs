@@ -16,6 +16,7 @@ mod batches;
 mod devices;
 pub mod error;
 mod extract;
+pub mod login_gate;
 mod records;
 pub mod server;
 pub mod state;

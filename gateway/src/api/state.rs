@@ -24,8 +24,11 @@ pub struct AdminSettings {
     pub session_idle: Duration,
     /// Failed logins are counted over this window.
     pub login_window: Duration,
-    /// Failed logins per account within the window before logins to it are refused.
-    pub max_failures_per_account: u32,
+    /// Failed logins to one account from one client address within the
+    /// window before that address's logins to that account are refused.
+    /// Counted per address so that guesses from elsewhere cannot lock staff
+    /// out of their own account.
+    pub max_failures_per_account_client: u32,
     /// Failed logins per client address within the window before its logins are refused.
     pub max_failures_per_client: u32,
     /// Largest page a list request may ask for; larger requests are refused.
@@ -36,7 +39,7 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     /// 127.0.0.1:8443; sessions of 12 h ending after 1 h idle; 5 failed
-    /// logins per account and 20 per address in 15 minutes; pages of 50,
+    /// logins per account and address and 20 per address in 15 minutes; pages of 50,
     /// at most 200.
     fn default() -> Self {
         AdminSettings {
@@ -44,7 +47,7 @@ impl Default for AdminSettings {
             session_lifetime: Duration::from_secs(12 * 3600),
             session_idle: Duration::from_secs(3600),
             login_window: Duration::from_secs(15 * 60),
-            max_failures_per_account: 5,
+            max_failures_per_account_client: 5,
             max_failures_per_client: 20,
             max_page_size: 200,
             default_page_size: 50,
@@ -69,4 +72,6 @@ pub struct AdminState {
     pub http_address: SocketAddr,
     /// Settings.
     pub settings: Arc<AdminSettings>,
+    /// Login attempts under way and the cap on argon2 verifications.
+    pub logins: Arc<crate::api::login_gate::LoginGate>,
 }

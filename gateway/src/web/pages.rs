@@ -80,6 +80,7 @@ pub fn login(error: Option<&str>, next: &str) -> Markup {
     let message = error.map(|code| match code {
         "invalid_credentials" => "Wrong user name or password.",
         "rate_limited" => "Too many failed logins. Wait a few minutes, then try again.",
+        "busy" => "Too many logins at once. Try again in a few seconds.",
         "session_expired" => "Your session has ended. Log in again.",
         _ => "The login could not be processed. Try again.",
     });
