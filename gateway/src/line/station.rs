@@ -462,10 +462,12 @@ pub async fn run_unit<T: AsyncRead + AsyncWrite + Unpin>(
         requests: 0,
         elapsed: Duration::ZERO,
     };
+    let mut held = None;
     let outcome = drive(
         station,
         &mut port,
         &mut report,
+        &mut held,
         &mut started,
         wait_for_device,
         previous,
@@ -488,16 +490,23 @@ pub async fn run_unit<T: AsyncRead + AsyncWrite + Unpin>(
             warn!(error = %e, "cannot write the journal");
         }
     }
+    // After the outcome is journaled, so that a unit claiming this id next
+    // sees it passed.
+    if let Some(device_id) = held {
+        station.pool.release(&device_id);
+    }
     // The operator reads the report lines `run` hands out; the log only
     // keeps them for `IDGATE_LOG=debug`.
     debug!(%report, "unit finished");
     report
 }
 
+/// `held`: the id this unit holds in the pool, once it has one.
 async fn drive<T: AsyncRead + AsyncWrite + Unpin>(
     station: &Station,
     port: &mut Port<T>,
     report: &mut UnitReport,
+    held: &mut Option<String>,
     started: &mut Instant,
     wait_for_device: bool,
     previous: Option<&str>,
@@ -551,8 +560,11 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(
         }
         DeviceState::Provisioned => {
             report.device_id = Some(reported_id.clone());
-            station.pool.token_for(&reported_id).ok_or_else(|| {
-                format!("the device reports id {reported_id:?}, which is not in this station's tokens file")
+            // Any board can claim any id: only a unit this station gave the
+            // id to, and that has not passed, gets its token again.
+            station.pool.reclaim(&reported_id).map_err(|refusal| {
+                warn!(device_id = %reported_id, %refusal, "refused a unit's claimed id");
+                refusal.to_string()
             })?
         }
         DeviceState::Blank => station
@@ -562,6 +574,7 @@ async fn drive<T: AsyncRead + AsyncWrite + Unpin>(
             .ok_or("no device id left in the tokens file")?,
     };
     report.device_id = Some(assignment.device_id.clone());
+    *held = Some(assignment.device_id.clone());
     port.send(&Frame::Provision {
         device_id: &assignment.device_id,
         token: assignment.token.as_bytes(),

@@ -43,7 +43,9 @@ pub struct LineDeviceOptions {
     /// Give up after this long.
     pub timeout: Duration,
     /// The id and token the device already holds (a unit coming back after
-    /// a failed attempt): it reports `provisioned` instead of `blank`.
+    /// a failed attempt): it reports `provisioned` instead of `blank`. With
+    /// another unit's id (and any token) it is the rogue board that tries to
+    /// collect that id's token from the station.
     pub provisioned: Option<(String, String)>,
 }
 

@@ -503,3 +503,110 @@ async fn a_refused_unit_is_failed_with_the_gateway_code() {
     );
     station.relay.close().await;
 }
+
+/// A board on the fixture that claims to hold an id it was never given, or
+/// the id of a unit that passed, does not get that id's token: its unit
+/// fails with the reason and the station goes on with the next unit, which
+/// enrolls as usual. Nothing is journaled as assigned for the claimed ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_claiming_an_id_it_was_not_given_gets_no_token() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let ids = ["own-1".to_owned(), "own-2".to_owned(), "own-3".to_owned()];
+    let tokens = import(&h, "own", &ids).await;
+    let credentials = station(&h, "st-5", &["own"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens_path = tokens_file(dir.path(), &tokens);
+    let station = Arc::new(Station {
+        relay: Relay::connect(&relay_options(&h, &credentials), Duration::from_secs(10))
+            .await
+            .unwrap(),
+        pool: TokenPool::open(&tokens_path, None).unwrap(),
+        unit_timeout: Duration::from_secs(20),
+        hello_interval: Duration::from_millis(250),
+        reply_timeout: Duration::from_secs(10),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fixture = listener.local_addr().unwrap();
+    let (sent, mut reports) = tokio::sync::mpsc::unbounded_channel::<UnitReport>();
+    let line = {
+        let station = station.clone();
+        tokio::spawn(async move {
+            let record = |unit: &UnitReport| sent.send(unit.clone()).unwrap();
+            run(
+                station,
+                Fixtures::Listen {
+                    listener,
+                    parallel: 1,
+                },
+                4,
+                &record,
+            )
+            .await
+        })
+    };
+    let root_pem = std::fs::read(h.root_ca()).unwrap();
+    // One unit at a time, each with the report of the one before in hand.
+    let mut unit = async |claim: Option<&str>| {
+        let mut options = LineDeviceOptions::new(root_pem.clone());
+        options.provisioned = claim.map(|id| (id.to_owned(), "not-the-token".to_owned()));
+        let line = tokio::net::TcpStream::connect(fixture).await.unwrap();
+        let device = run_line_device(line, &options).await;
+        (device, reports.recv().await.unwrap())
+    };
+    let failed_with = |report: &UnitReport, expected: &str| match &report.outcome {
+        UnitOutcome::Failed { reason } => assert!(reason.contains(expected), "{reason}"),
+        other => panic!("{other:?}"),
+    };
+
+    // 1. own-3 was never given to a unit: refused, and the device, which
+    // would enroll with the token if it got one, is left with nothing.
+    let (device, report) = unit(Some("own-3")).await;
+    assert!(matches!(device, Err(SimError::Internal(_))), "{device:?}");
+    assert_eq!(report.device_id.as_deref(), Some("own-3"));
+    failed_with(&report, "never assigned to a unit");
+    // 2. A blank unit gets the first id and passes.
+    let (device, report) = unit(None).await;
+    let enrolled = device.unwrap();
+    assert_eq!(report.device_id.as_deref(), Some("own-1"));
+    assert_eq!(
+        report.outcome,
+        UnitOutcome::Passed {
+            serial: enrolled.serial.clone()
+        }
+    );
+    // 3. A board claiming the id that just passed: refused.
+    let (device, report) = unit(Some("own-1")).await;
+    assert!(matches!(device, Err(SimError::Internal(_))), "{device:?}");
+    failed_with(&report, "has passed already");
+    // 4. An id from no tokens file at all.
+    let (device, report) = unit(Some("elsewhere-7")).await;
+    assert!(matches!(device, Err(SimError::Internal(_))), "{device:?}");
+    failed_with(&report, "not in this station's tokens file");
+    let summary = line.await.unwrap();
+    assert_eq!((summary.passed, summary.failed), (1, 3), "{summary}");
+
+    // No token left the station for own-3 (it can still enroll, exactly
+    // once, with its token), own-1 holds exactly its one certificate.
+    assert_eq!(h.registry().certificate_count("own-3").await.unwrap(), 0);
+    assert_eq!(h.registry().certificate_count("own-1").await.unwrap(), 1);
+    assert_eq!(
+        h.registry().device("own-3").await.unwrap().unwrap().status,
+        DeviceStatus::Pending
+    );
+    assert_eq!(station.pool.remaining(), 2);
+    let mut journal = tokens_path.as_os_str().to_owned();
+    journal.push(".journal");
+    let journal = std::fs::read_to_string(&journal).unwrap();
+    assert_eq!(
+        journal
+            .lines()
+            .filter(|l| l.starts_with("assigned,"))
+            .collect::<Vec<_>>(),
+        ["assigned,own-1"],
+        "{journal}"
+    );
+    assert!(journal.contains("fail,own-3,"), "{journal}");
+    if let Ok(station) = Arc::try_unwrap(station) {
+        station.relay.close().await;
+    }
+}

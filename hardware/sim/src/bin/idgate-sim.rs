@@ -42,6 +42,11 @@ struct LineDeviceArgs {
     /// normal, garbage (answers noise) or silent (answers nothing).
     #[arg(long, default_value = "normal")]
     behave: String,
+    /// Report `provisioned` with this id instead of `blank`, as a unit
+    /// coming back would (or a rogue board claiming another unit's id,
+    /// which the station refuses unless it gave this unit that id).
+    #[arg(long, value_name = "ID")]
+    claim: Option<String>,
     /// Give up after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     timeout: u64,
@@ -206,6 +211,8 @@ async fn run_device(args: LineDeviceArgs) -> anyhow::Result<()> {
         "silent" => idgate_sim::Behaviour::Silent,
         other => anyhow::bail!("--behave {other:?}: normal, garbage or silent"),
     };
+    // The device does not know the token: it waits for the station's.
+    options.provisioned = args.claim.map(|id| (id, String::new()));
     let line = tokio::net::TcpStream::connect(&args.tcp)
         .await
         .with_context(|| format!("connecting to the station at {}", args.tcp))?;
