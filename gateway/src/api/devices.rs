@@ -54,6 +54,15 @@ pub(super) async fn list(
     Params(params): Params<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
     principal.require(Role::Viewer)?;
+    super::check_filters(&[
+        ("site", params.site.as_deref()),
+        ("owner", params.owner.as_deref()),
+        ("model", params.model.as_deref()),
+        ("status", params.status.as_deref()),
+        ("batch", params.batch.as_deref()),
+        ("q", params.q.as_deref()),
+        ("after", params.after.as_deref()),
+    ])?;
     let limit = page_size(&state, params.limit)?;
     let status = params
         .status

@@ -25,6 +25,30 @@ use auth::Principal;
 use error::ApiError;
 pub use state::{AdminSettings, AdminState};
 
+/// The longest free-text filter (a search text, a site, an owner, a
+/// cursor…) a list request may send, in characters, in the API and the
+/// console alike: anything longer is refused with 400 rather than searched.
+pub const MAX_FILTER_CHARS: usize = 200;
+
+/// The name of the first of `filters` longer than [`MAX_FILTER_CHARS`].
+pub(crate) fn too_long<'a>(filters: &[(&'a str, Option<&str>)]) -> Option<&'a str> {
+    filters
+        .iter()
+        .find(|(_, value)| value.is_some_and(|v| v.chars().count() > MAX_FILTER_CHARS))
+        .map(|(name, _)| *name)
+}
+
+/// 400 `invalid_request` if one of `filters` is longer than [`MAX_FILTER_CHARS`].
+fn check_filters(filters: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
+    match too_long(filters) {
+        None => Ok(()),
+        Some(name) => Err(ApiError::bad_request(
+            "invalid_request",
+            format!("`{name}` is too long (at most {MAX_FILTER_CHARS} characters)"),
+        )),
+    }
+}
+
 /// The OpenAPI 3.1 document of the JSON API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 

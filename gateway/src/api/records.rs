@@ -44,6 +44,10 @@ pub(super) async fn audit(
     Params(params): Params<AuditParams>,
 ) -> Result<Json<Value>, ApiError> {
     principal.require(Role::Viewer)?;
+    super::check_filters(&[
+        ("q", params.q.as_deref()),
+        ("before", params.before.as_deref()),
+    ])?;
     let limit = page_size(&state, params.limit)?;
     let entries = state
         .registry

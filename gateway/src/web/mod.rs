@@ -157,6 +157,28 @@ fn require(who: &Principal, role: Role, what: &str) -> Result<(), Refusal> {
     ))
 }
 
+/// A 400 page if a query parameter (a search text, a cursor…) is longer
+/// than [`crate::api::MAX_FILTER_CHARS`].
+fn short_filters(who: &Principal, params: &HashMap<String, String>) -> Result<(), Refusal> {
+    let filters: Vec<(&str, Option<&str>)> = params
+        .iter()
+        .map(|(name, value)| (name.as_str(), Some(value.as_str())))
+        .collect();
+    match crate::api::too_long(&filters) {
+        None => Ok(()),
+        Some(name) => Err(fail(
+            StatusCode::BAD_REQUEST,
+            Some(who),
+            "Bad request",
+            &format!(
+                "The {} is too long (at most {} characters).",
+                if name == "q" { "search text" } else { name },
+                crate::api::MAX_FILTER_CHARS
+            ),
+        )),
+    }
+}
+
 /// A whole number from a query parameter within `range`, or a 400 page.
 fn number(
     who: &Principal,
@@ -225,18 +247,11 @@ async fn devices(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Refusal> {
     let at = now();
+    short_filters(&who, &params)?;
     let query = params
         .get("q")
         .map(|q| q.trim().to_owned())
         .unwrap_or_default();
-    if query.chars().count() > 200 {
-        return Err(fail(
-            StatusCode::BAD_REQUEST,
-            Some(&who),
-            "Bad request",
-            "The search text is too long (at most 200 characters).",
-        ));
-    }
     let page = number(&who, &params, "page", 1, 1..=1_000_000)?;
     let status =
         match params.get("status").filter(|s| !s.is_empty()) {
@@ -533,6 +548,7 @@ async fn audit(
     Staff(who): Staff,
     Query(params): Query<HashMap<String, String>>,
 ) -> Page {
+    short_filters(&who, &params)?;
     let query = params
         .get("q")
         .map(|q| q.trim().to_owned())
