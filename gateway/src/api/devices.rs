@@ -223,6 +223,39 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
     serde::Deserialize::deserialize(d).map(Some)
 }
 
+/// What is wrong with an edit: the field, the API's error code and a
+/// message for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EditProblem {
+    /// `owner`, `site` or `label`.
+    pub field: &'static str,
+    /// The API's stable code.
+    pub code: &'static str,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+/// The checks of an owner, site and label edit, shared by the API and the
+/// console: the owner is an email address, site and label are 1–128
+/// printable characters (the same rules as a batch import).
+pub(crate) fn check_edit(edit: &DeviceEdit) -> Result<(), EditProblem> {
+    let problem = |field, code, message| EditProblem {
+        field,
+        code,
+        message,
+    };
+    if let Some(owner) = &edit.owner {
+        check_owner(owner).map_err(|e| problem("owner", "invalid_owner", e))?;
+    }
+    if let Some(site) = &edit.site {
+        check_label("site", site).map_err(|e| problem("site", "invalid_site", e))?;
+    }
+    if let Some(Some(label)) = &edit.label {
+        check_label("label", label).map_err(|e| problem("label", "invalid_request", e))?;
+    }
+    Ok(())
+}
+
 pub(super) async fn edit(
     State(state): State<AdminState>,
     principal: Principal,
@@ -230,20 +263,12 @@ pub(super) async fn edit(
     Body(body): Body<EditDevice>,
 ) -> Result<Json<Value>, ApiError> {
     principal.require(Role::Operator)?;
-    if let Some(owner) = &body.owner {
-        check_owner(owner).map_err(|e| ApiError::bad_request("invalid_owner", e))?;
-    }
-    if let Some(site) = &body.site {
-        check_label("site", site).map_err(|e| ApiError::bad_request("invalid_site", e))?;
-    }
-    if let Some(Some(label)) = &body.label {
-        check_label("label", label).map_err(|e| ApiError::bad_request("invalid_request", e))?;
-    }
     let edit = DeviceEdit {
         owner: body.owner,
         site: body.site,
         label: body.label,
     };
+    check_edit(&edit).map_err(|p| ApiError::bad_request(p.code, p.message))?;
     let device = state
         .registry
         .edit_device(&id, &edit, &principal.actor(), now())

@@ -13,7 +13,7 @@ use axum::routing::{MethodRouter, any, get, patch, post};
 mod accounts;
 pub mod auth;
 mod batches;
-mod devices;
+pub(crate) mod devices;
 pub mod error;
 mod extract;
 pub mod login_gate;

@@ -10,6 +10,7 @@
 //! need the operator role, which the pages check before showing a button and
 //! the handlers check again before acting.
 
+mod edit;
 pub mod pages;
 
 use std::collections::HashMap;
@@ -53,6 +54,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device))
         .route("/devices/{id}/revoke", get(revoke_form).post(revoke))
+        .route("/devices/{id}/edit", get(edit::edit_form).post(edit::edit))
         .route("/devices/{id}/suspend", post(suspend))
         .route("/devices/{id}/resume", post(resume))
         .route("/batches", get(batches))
@@ -369,6 +371,8 @@ async fn device(
         Some("revoked") => Some(Done::Revoked),
         Some("suspended") => Some(Done::Suspended),
         Some("resumed") => Some(Done::Resumed),
+        Some("edited") => Some(Done::Edited),
+        Some("unchanged") => Some(Done::Unchanged),
         _ => None,
     };
     let view = pages::DeviceView {

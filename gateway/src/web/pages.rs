@@ -318,6 +318,10 @@ pub enum Done {
     Suspended,
     /// Resumed.
     Resumed,
+    /// Owner, site or label changed.
+    Edited,
+    /// The edit form was saved without a change.
+    Unchanged,
 }
 
 /// Everything the device page shows.
@@ -365,6 +369,12 @@ pub fn device(who: &Principal, view: &DeviceView<'_>, now: i64) -> Markup {
             Some(Done::Resumed) => p.notice.ok role="status" {
                 "Device " (d.id) " is active again."
             },
+            Some(Done::Edited) => p.notice.ok role="status" {
+                "Changes to device " (d.id) " saved."
+            },
+            Some(Done::Unchanged) => p.notice.ok role="status" {
+                "Nothing changed: device " (d.id) " already had these values."
+            },
             None => {}
         }
         h1 { "Device " span.mono { (d.id) } " " (status_badge(d.status)) }
@@ -392,8 +402,9 @@ pub fn device(who: &Principal, view: &DeviceView<'_>, now: i64) -> Markup {
                 dt { "Registered" } dd { (format_time(d.created_at)) " by " (d.created_by) }
             }
         }
-        @if operator && (can_revoke || can_suspend || can_resume) {
+        @if operator {
             div.actions {
+                a.button.secondary href=(format!("{}/edit", device_href(&d.id))) { "Edit owner, site, label" }
                 @if can_revoke {
                     a.button.danger href=(format!("{}/revoke", device_href(&d.id))) { "Revoke…" }
                 }
@@ -804,6 +815,7 @@ mod tests {
         let page = device(&viewer(), &view, 10).into_string();
         assert!(!page.contains("Revoke"));
         assert!(!page.contains("/suspend"));
+        assert!(!page.contains("/edit"));
         let operator = Principal {
             role: Role::Operator,
             ..viewer()
@@ -811,6 +823,7 @@ mod tests {
         let page = device(&operator, &view, 10).into_string();
         assert!(page.contains("/devices/th-1/revoke"));
         assert!(page.contains("/devices/th-1/suspend"));
+        assert!(page.contains("/devices/th-1/edit"));
         assert!(!page.contains("/devices/th-1/resume"));
     }
 

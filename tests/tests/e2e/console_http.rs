@@ -2,6 +2,7 @@
 //! gateway's admin listener: not logged in, expired sessions, unknown ids,
 //! bad parameters, posts without the CSRF token or the reason, a viewer
 //! revoking, revoking twice, markup in queries; and the security headers.
+//! Editing a device's owner, site and label through the console's form.
 
 use std::sync::Arc;
 
@@ -12,7 +13,10 @@ use idgate_tests::Harness;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-crate::on_both_backends!(console_refuses_bad_input);
+crate::on_both_backends!(
+    console_refuses_bad_input,
+    console_edits_owner_site_and_label
+);
 
 /// One HTTP/1.1 answer.
 struct Answer {
@@ -138,10 +142,9 @@ impl Client {
     }
 }
 
-async fn console_refuses_bad_input(db: TestDatabase) {
-    let Some(h) = Harness::start(db).await else {
-        return;
-    };
+/// Adds the operator `olga` and the viewer `vera`, password
+/// "correct horse battery".
+async fn add_staff(h: &Harness) {
     for (name, role) in [("olga", Role::Operator), ("vera", Role::Viewer)] {
         h.registry()
             .add_account(
@@ -158,6 +161,13 @@ async fn console_refuses_bad_input(db: TestDatabase) {
             .await
             .unwrap();
     }
+}
+
+async fn console_refuses_bad_input(db: TestDatabase) {
+    let Some(h) = Harness::start(db).await else {
+        return;
+    };
+    add_staff(&h).await;
     h.add_device("th-1", "berlin").await;
     let client = Client::new(&h);
 
@@ -355,4 +365,204 @@ async fn console_refuses_bad_input(db: TestDatabase) {
     let trail = h.registry().audit_trail("th-1").await.unwrap();
     let revoke = trail.iter().find(|e| e.action == "device.revoke").unwrap();
     assert_eq!(revoke.actor, "user:olga");
+}
+
+async fn console_edits_owner_site_and_label(db: TestDatabase) {
+    let Some(h) = Harness::start(db).await else {
+        return;
+    };
+    add_staff(&h).await;
+    h.add_device("th-1", "berlin").await;
+    let client = Client::new(&h);
+    let (cookie, csrf) = client.log_in("olga", "correct%20horse%20battery").await;
+    let cookie = cookie.as_str();
+    let stored = || async { h.registry().device("th-1").await.unwrap().unwrap() };
+    let original = stored().await;
+
+    // The operator's device page links to the form, which shows the values
+    // and a label for every field.
+    let page = client.get("/devices/th-1", Some(cookie)).await;
+    assert!(page.body.contains("href=\"/devices/th-1/edit\""));
+    let form = client.get("/devices/th-1/edit", Some(cookie)).await;
+    assert_eq!(form.status, 200);
+    assert!(form.body.contains("value=\"facilities@example.com\""));
+    assert!(form.body.contains("value=\"berlin\""));
+    assert!(
+        form.body
+            .contains(&format!("name=\"csrf\" value=\"{csrf}\""))
+    );
+    for field in ["owner", "site", "label"] {
+        assert!(form.body.contains(&format!("<label for=\"{field}\">")));
+    }
+    assert_eq!(
+        client.get("/devices/ghost/edit", Some(cookie)).await.status,
+        404
+    );
+
+    // Without the CSRF token: refused, nothing changed.
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            cookie,
+            "owner=x%40y.io&site=paris&label=",
+        )
+        .await;
+    assert_eq!(answer.status, 403);
+    // A bad owner: the form again with what was typed and why, nothing changed.
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            cookie,
+            &format!("csrf={csrf}&owner=not-an-email&site=paris&label=Room+4"),
+        )
+        .await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer.body.contains("owner must be an email address"),
+        "{}",
+        answer.body
+    );
+    assert!(answer.body.contains("value=\"not-an-email\""));
+    assert!(answer.body.contains("value=\"paris\""));
+    // A control character in the site, and a site too long: the API's rules.
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            cookie,
+            &format!("csrf={csrf}&owner=a%40x.io&site=pa%07ris&label="),
+        )
+        .await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("site must be 1–128 printable characters")
+    );
+    let long = "x".repeat(129);
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            cookie,
+            &format!("csrf={csrf}&owner=a%40x.io&site=paris&label={long}"),
+        )
+        .await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("label must be 1–128 printable characters")
+    );
+    assert_eq!(stored().await, original);
+    // Unknown device.
+    let answer = client
+        .post(
+            "/devices/ghost/edit",
+            cookie,
+            &format!("csrf={csrf}&owner=a%40x.io&site=paris&label="),
+        )
+        .await;
+    assert_eq!(answer.status, 404);
+
+    // A viewer sees no edit link and is refused, even with its CSRF token.
+    let (viewer, viewer_csrf) = client.log_in("vera", "correct%20horse%20battery").await;
+    let page = client.get("/devices/th-1", Some(&viewer)).await;
+    assert_eq!(page.status, 200);
+    assert!(!page.body.contains("/devices/th-1/edit"));
+    assert_eq!(
+        client.get("/devices/th-1/edit", Some(&viewer)).await.status,
+        403
+    );
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            &viewer,
+            &format!("csrf={viewer_csrf}&owner=v%40x.io&site=paris&label="),
+        )
+        .await;
+    assert_eq!(answer.status, 403);
+    assert!(
+        answer
+            .body
+            .contains("Your role (viewer) cannot edit devices")
+    );
+    assert_eq!(stored().await, original);
+
+    // The operator's edit: values change, the audit trail names the account,
+    // and markup in the site is text on the device page.
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            cookie,
+            &format!(
+                "csrf={csrf}&owner=+ops%40example.com+&site=%3Cscript%3Ealert(1)%3C%2Fscript%3E&label=Room+4"
+            ),
+        )
+        .await;
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    assert_eq!(answer.header("location"), Some("/devices/th-1?done=edited"));
+    let device = stored().await;
+    assert_eq!(
+        (
+            device.owner.as_str(),
+            device.site.as_str(),
+            device.label.as_deref()
+        ),
+        (
+            "ops@example.com",
+            "<script>alert(1)</script>",
+            Some("Room 4")
+        )
+    );
+    let trail = h.registry().audit_trail("th-1").await.unwrap();
+    let updates: Vec<_> = trail
+        .iter()
+        .filter(|e| e.action == "device.update")
+        .collect();
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0].actor, "user:olga");
+    assert_eq!(
+        updates[0].detail,
+        "owner: facilities@example.com -> ops@example.com; \
+         site: berlin -> <script>alert(1)</script>; label: - -> Room 4"
+    );
+    let page = client.get("/devices/th-1?done=edited", Some(cookie)).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Changes to device th-1 saved."));
+    assert!(!page.body.contains("<script>alert(1)"));
+    assert!(page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    let form = client.get("/devices/th-1/edit", Some(cookie)).await;
+    assert!(!form.body.contains("<script>alert(1)"));
+    assert!(
+        form.body
+            .contains("value=\"&lt;script&gt;alert(1)&lt;/script&gt;\"")
+    );
+
+    // Saving the same values again writes nothing; an empty label removes it.
+    let same = format!(
+        "csrf={csrf}&owner=ops%40example.com&site=%3Cscript%3Ealert(1)%3C%2Fscript%3E&label=Room+4"
+    );
+    let answer = client.post("/devices/th-1/edit", cookie, &same).await;
+    assert_eq!(
+        answer.header("location"),
+        Some("/devices/th-1?done=unchanged")
+    );
+    let answer = client
+        .post(
+            "/devices/th-1/edit",
+            cookie,
+            &format!("csrf={csrf}&owner=ops%40example.com&site=hall+B&label="),
+        )
+        .await;
+    assert_eq!(answer.status, 303);
+    let device = stored().await;
+    assert_eq!((device.site.as_str(), device.label), ("hall B", None));
+    let updates = h
+        .registry()
+        .audit_trail("th-1")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "device.update")
+        .count();
+    assert_eq!(updates, 2);
 }
