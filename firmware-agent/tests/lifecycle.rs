@@ -276,6 +276,8 @@ impl Device {
                     )
                     .unwrap();
                 self.store.confirm().unwrap();
+                // It worked: the old credential and its key may go.
+                self.keys.release_previous().unwrap();
                 self.serial = certified.serial.to_string();
                 self.not_after = certified.not_after;
                 self.renewals += 1;

@@ -445,3 +445,39 @@ fn longest_fields_fit_the_request_buffer() {
     let request = RenewRequest::decode_cbor(&payload).unwrap();
     assert_eq!(request.counter, u64::MAX);
 }
+
+#[test]
+fn a_new_credential_that_does_not_work_falls_back_to_the_old_key() {
+    let mut device = device();
+    let (old_key, old_serial) = (device.old_key, device.serial.clone());
+    let mut agent = start(&mut device.store, &device.serial, 1, 0);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = device.gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(300, &reply_topic, &reply).unwrap();
+    assert_renewed(&mut agent, &old_key, &old_serial);
+    let new_key = *agent.public_key();
+    drop(agent);
+    // Until the firmware has seen the new credential work, the old key is
+    // kept beside it: the A/B store's fallback credential needs it.
+    assert_eq!(device.store.public_key(KeySlot::Previous).unwrap(), old_key);
+    assert_eq!(device.store.public_key(KeySlot::Current).unwrap(), new_key);
+
+    // The new certificate did not work (say the broker refused it): the
+    // firmware discards the pending credential and restores the old key.
+    device.store.restore_previous().unwrap();
+    assert_eq!(device.store.public_key(KeySlot::Current).unwrap(), old_key);
+    assert!(device.store.public_key(KeySlot::Previous).is_err());
+
+    // The old credential works again: a renewal signed with the restored key
+    // passes the gateway's check against the old certificate's key.
+    let mut agent = start(&mut device.store, &old_serial, 2, 1_000);
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, reply) = device.gateway.handle(&topic, &payload).unwrap();
+    assert_eq!(reply_topic, ACCEPTED);
+    agent.handle_message(1_300, &reply_topic, &reply).unwrap();
+    assert_renewed(&mut agent, &old_key, &old_serial);
+    drop(agent);
+    // This time it works: the firmware confirms and the old key goes.
+    device.store.release_previous().unwrap();
+    assert!(device.store.public_key(KeySlot::Previous).is_err());
+}

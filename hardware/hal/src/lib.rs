@@ -139,15 +139,28 @@ pub enum KeySlot {
     /// A staged key waiting for its certificate; it becomes current once one is
     /// issued, so a failed or abandoned renewal never loses the working key.
     Next,
+    /// The key that was current before the last promotion, kept until the
+    /// firmware has seen the new credential work once (then
+    /// [`KeyStore::release_previous`]) or falls back to the old credential
+    /// (then [`KeyStore::restore_previous`]): the old credential in the A/B
+    /// store is worth nothing without its key.
+    Previous,
 }
 
 /// A P-256 key store that may be a secure element: it creates keys, signs
 /// digests and reports public keys, and never reveals a private key.
 ///
-/// Two slots make key rotation safe: a new key is generated into [`KeySlot::Next`],
-/// its certificate is requested, and only when the certificate has arrived is the
-/// key promoted to [`KeySlot::Current`]. A power cut anywhere in between leaves
-/// the device with a working key.
+/// Three slots make key rotation safe: a new key is generated into
+/// [`KeySlot::Next`], its certificate is requested, and only when the
+/// certificate has arrived is the key promoted to [`KeySlot::Current`]; the
+/// key it replaces stays as [`KeySlot::Previous`] until the firmware has seen
+/// the new credential work once. A power cut or a bad new certificate anywhere
+/// in between leaves the device with a working key and the certificate for it.
+///
+/// A secure element keeps the three as key slots (or key handles) and only
+/// ever destroys a key in [`release_previous`](KeyStore::release_previous),
+/// [`restore_previous`](KeyStore::restore_previous) or when
+/// [`generate_next`](KeyStore::generate_next) overwrites the staging slot.
 pub trait KeyStore: ErrorType {
     /// Generates a fresh key into the staging slot, replacing any key there, and
     /// returns its public key.
@@ -163,9 +176,19 @@ pub trait KeyStore: ErrorType {
         digest: &[u8; 32],
     ) -> Result<P256Signature, Self::Error>;
 
-    /// Makes the staged key current, discarding the old current key; the staging
+    /// Makes the staged key current; the old current key (if any) becomes
+    /// [`KeySlot::Previous`], replacing an earlier previous key. The staging
     /// slot is then empty.
     fn promote_next(&mut self) -> Result<(), Self::Error>;
+
+    /// The new credential has worked: destroys the previous key. Does nothing
+    /// when there is none (a first enrollment, or already released).
+    fn release_previous(&mut self) -> Result<(), Self::Error>;
+
+    /// The new credential did not work: the previous key becomes current
+    /// again and the key promoted over it is destroyed. Fails with
+    /// [`ErrorKind::NoKey`] when there is no previous key, changing nothing.
+    fn restore_previous(&mut self) -> Result<(), Self::Error>;
 }
 
 impl<T: KeyStore + ?Sized> KeyStore for &mut T {
@@ -188,6 +211,14 @@ impl<T: KeyStore + ?Sized> KeyStore for &mut T {
     fn promote_next(&mut self) -> Result<(), Self::Error> {
         T::promote_next(self)
     }
+
+    fn release_previous(&mut self) -> Result<(), Self::Error> {
+        T::release_previous(self)
+    }
+
+    fn restore_previous(&mut self) -> Result<(), Self::Error> {
+        T::restore_previous(self)
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +229,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct Counting {
         promoted: u32,
+        released: u32,
+        restored: u32,
     }
 
     impl ErrorType for Counting {
@@ -210,7 +243,7 @@ mod tests {
         }
         fn public_key(&self, slot: KeySlot) -> Result<P256PublicKey, ErrorKind> {
             match slot {
-                KeySlot::Current => Err(ErrorKind::NoKey),
+                KeySlot::Current | KeySlot::Previous => Err(ErrorKind::NoKey),
                 KeySlot::Next => Ok([4; 65]),
             }
         }
@@ -221,11 +254,21 @@ mod tests {
             self.promoted += 1;
             Ok(())
         }
+        fn release_previous(&mut self) -> Result<(), ErrorKind> {
+            self.released += 1;
+            Ok(())
+        }
+        fn restore_previous(&mut self) -> Result<(), ErrorKind> {
+            self.restored += 1;
+            Ok(())
+        }
     }
 
     fn rotate(mut store: impl KeyStore) -> Result<(), ErrorKind> {
         store.generate_next().map_err(|e| e.kind())?;
-        store.promote_next().map_err(|e| e.kind())
+        store.promote_next().map_err(|e| e.kind())?;
+        store.restore_previous().map_err(|e| e.kind())?;
+        store.release_previous().map_err(|e| e.kind())
     }
 
     struct Ticks(u64);
@@ -264,7 +307,7 @@ mod tests {
         let mut store = Counting::default();
         rotate(&mut store).unwrap();
         rotate(&mut store).unwrap();
-        assert_eq!(store.promoted, 2);
+        assert_eq!((store.promoted, store.restored, store.released), (2, 2, 2));
         let by_reference = &mut store;
         assert_eq!(
             KeyStore::public_key(&by_reference, KeySlot::Current)

@@ -24,6 +24,10 @@ pub enum Operation {
     Sign,
     /// [`KeyStore::promote_next`].
     Promote,
+    /// [`KeyStore::release_previous`].
+    Release,
+    /// [`KeyStore::restore_previous`].
+    Restore,
 }
 
 /// Why a [`SoftKeyStore`] operation failed.
@@ -64,11 +68,12 @@ impl idgate_hal::Error for SoftKeyError {
     }
 }
 
-/// P-256 keys in memory, in the two slots of [`KeyStore`].
+/// P-256 keys in memory, in the three slots of [`KeyStore`].
 #[derive(Default)]
 pub struct SoftKeyStore {
     current: Option<SigningKey>,
     next: Option<SigningKey>,
+    previous: Option<SigningKey>,
     fault: Option<Operation>,
 }
 
@@ -78,6 +83,7 @@ impl fmt::Debug for SoftKeyStore {
         f.debug_struct("SoftKeyStore")
             .field("current", &self.current.is_some())
             .field("next", &self.next.is_some())
+            .field("previous", &self.previous.is_some())
             .field("fault", &self.fault)
             .finish()
     }
@@ -125,6 +131,7 @@ impl SoftKeyStore {
         match slot {
             KeySlot::Current => self.current.as_ref(),
             KeySlot::Next => self.next.as_ref(),
+            KeySlot::Previous => self.previous.as_ref(),
         }
         .ok_or(SoftKeyError::NoKey(slot))
     }
@@ -183,7 +190,23 @@ impl KeyStore for SoftKeyStore {
     fn promote_next(&mut self) -> Result<(), SoftKeyError> {
         self.check_fault(Operation::Promote)?;
         let next = self.next.take().ok_or(SoftKeyError::NoKey(KeySlot::Next))?;
-        self.current = Some(next);
+        self.previous = self.current.replace(next);
+        Ok(())
+    }
+
+    fn release_previous(&mut self) -> Result<(), SoftKeyError> {
+        self.check_fault(Operation::Release)?;
+        self.previous = None;
+        Ok(())
+    }
+
+    fn restore_previous(&mut self) -> Result<(), SoftKeyError> {
+        self.check_fault(Operation::Restore)?;
+        let previous = self
+            .previous
+            .take()
+            .ok_or(SoftKeyError::NoKey(KeySlot::Previous))?;
+        self.current = Some(previous);
         Ok(())
     }
 }
@@ -219,6 +242,38 @@ mod tests {
             SoftKeyStore::from_current_key_pem("-----BEGIN PRIVATE KEY-----\n").err(),
             Some(SoftKeyError::BadKey)
         );
+    }
+
+    #[test]
+    fn the_replaced_key_stays_until_released_or_restored() {
+        let mut store = SoftKeyStore::new();
+        let first = store.generate_next().unwrap();
+        store.promote_next().unwrap();
+        // A first enrollment replaces no key.
+        assert_eq!(
+            store.public_key(KeySlot::Previous),
+            Err(SoftKeyError::NoKey(KeySlot::Previous))
+        );
+        let second = store.generate_next().unwrap();
+        store.promote_next().unwrap();
+        assert_eq!(store.public_key(KeySlot::Current).unwrap(), second);
+        assert_eq!(store.public_key(KeySlot::Previous).unwrap(), first);
+        // The new credential did not work: back to the first key, the second
+        // one is gone for good.
+        store.restore_previous().unwrap();
+        assert_eq!(store.public_key(KeySlot::Current).unwrap(), first);
+        assert_eq!(
+            store.restore_previous(),
+            Err(SoftKeyError::NoKey(KeySlot::Previous))
+        );
+        assert_eq!(store.public_key(KeySlot::Current).unwrap(), first);
+        // Rotate again and keep the new key this time.
+        let third = store.generate_next().unwrap();
+        store.promote_next().unwrap();
+        store.release_previous().unwrap();
+        assert_eq!(store.public_key(KeySlot::Current).unwrap(), third);
+        assert!(store.public_key(KeySlot::Previous).is_err());
+        store.release_previous().unwrap();
     }
 
     #[test]

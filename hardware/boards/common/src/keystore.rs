@@ -34,11 +34,12 @@ impl idgate_hal::Error for KeyError {
     }
 }
 
-/// Two P-256 keys (current, next) and the RNG that makes them.
+/// Three P-256 keys (current, next, previous) and the RNG that makes them.
 pub struct SoftKeyStore<R> {
     rng: R,
     current: Option<SigningKey>,
     next: Option<SigningKey>,
+    previous: Option<SigningKey>,
 }
 
 impl<R> core::fmt::Debug for SoftKeyStore<R> {
@@ -47,6 +48,7 @@ impl<R> core::fmt::Debug for SoftKeyStore<R> {
         f.debug_struct("SoftKeyStore")
             .field("current", &self.current.is_some())
             .field("next", &self.next.is_some())
+            .field("previous", &self.previous.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -58,6 +60,7 @@ impl<R: Rng> SoftKeyStore<R> {
             rng,
             current: None,
             next: None,
+            previous: None,
         }
     }
 
@@ -83,6 +86,7 @@ impl<R: Rng> SoftKeyStore<R> {
         match slot {
             KeySlot::Current => self.current.as_ref(),
             KeySlot::Next => self.next.as_ref(),
+            KeySlot::Previous => self.previous.as_ref(),
         }
         .ok_or(KeyError::NoKey)
     }
@@ -114,7 +118,18 @@ impl<R: Rng> KeyStore for SoftKeyStore<R> {
 
     fn promote_next(&mut self) -> Result<(), KeyError> {
         let next = self.next.take().ok_or(KeyError::NoKey)?;
-        self.current = Some(next);
+        self.previous = self.current.replace(next);
+        Ok(())
+    }
+
+    fn release_previous(&mut self) -> Result<(), KeyError> {
+        self.previous = None;
+        Ok(())
+    }
+
+    fn restore_previous(&mut self) -> Result<(), KeyError> {
+        let previous = self.previous.take().ok_or(KeyError::NoKey)?;
+        self.current = Some(previous);
         Ok(())
     }
 }
