@@ -494,6 +494,111 @@ async fn bearer_tokens() {
     admin.gateway.shutdown().await;
 }
 
+/// API tokens expire by default (90 days), an expired one is refused, and a
+/// token made by an account stops working when the account is disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expire_and_die_with_their_creator() {
+    let admin = Admin::start().await;
+    admin.add_user("alice", "admin", PASSWORD);
+    let (client, csrf) = admin.log_in("alice", PASSWORD).await;
+    let create = |body: Value| {
+        client
+            .post(admin.url("/api/v1/tokens"))
+            .header("X-CSRF-Token", &csrf)
+            .json(&body)
+            .send()
+    };
+    let before = now();
+    let response = create(json!({ "name": "ticketing", "role": "operator" }))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    let expires_at = created["expires_at"]
+        .as_i64()
+        .expect("an expiry by default");
+    assert!((before + 90 * 86_400..=now() + 90 * 86_400).contains(&expires_at));
+    let token = created["token"].as_str().unwrap().to_owned();
+    for days in [0, 3651] {
+        let response = create(json!({ "name": "t2", "role": "viewer", "expires_in_days": days }))
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::BAD_REQUEST, "invalid_request".into()),
+            "{days}"
+        );
+    }
+    // `idgate token create`: 90 days unless told, `never` when asked.
+    admin.create_token("cli-default", "viewer");
+    let output = admin
+        .idgate()
+        .args(["token", "create", "--name", "cli-never", "--role", "viewer"])
+        .args(["--expires-in", "never"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let tokens = admin.gateway.registry().api_tokens().await.unwrap();
+    let expiry = |name: &str| {
+        tokens
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.expires_at.map(|e| e - t.created_at))
+    };
+    assert_eq!(expiry("cli-default"), Some(Some(90 * 86_400)));
+    assert_eq!(expiry("cli-never"), Some(None));
+
+    // An expired token is refused.
+    let (expired, expired_sha256) = idgate_gateway::api::auth::new_api_token();
+    admin
+        .gateway
+        .registry()
+        .add_api_token(&idgate_gateway::registry::NewApiToken {
+            name: "old".into(),
+            token_sha256: expired_sha256,
+            role: idgate_gateway::registry::Role::Admin,
+            created_by: "cli:root".into(),
+            created_at: now() - 100,
+            expires_at: Some(now() - 1),
+        })
+        .await
+        .unwrap();
+    let me = |token: String| {
+        admin
+            .client()
+            .get(admin.url("/api/v1/me"))
+            .bearer_auth(token)
+            .send()
+    };
+    let response = me(expired).await.unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::UNAUTHORIZED, "invalid_token".into())
+    );
+
+    // alice's token works until alice is disabled, and again once enabled.
+    assert_eq!(me(token.clone()).await.unwrap().status(), StatusCode::OK);
+    let output = admin
+        .idgate()
+        .args(["user", "disable", "alice"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let response = me(token.clone()).await.unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::UNAUTHORIZED, "invalid_token".into())
+    );
+    let output = admin
+        .idgate()
+        .args(["user", "enable", "alice"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(me(token).await.unwrap().status(), StatusCode::OK);
+    admin.gateway.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_are_rate_limited() {
     let admin = Admin::start().await;

@@ -123,9 +123,17 @@ pub(super) async fn tokens(
 pub(super) struct NewToken {
     name: String,
     role: Role,
-    /// Lifetime in days (default: until revoked).
+    /// Lifetime in days, 1 to [`MAX_TOKEN_DAYS`] (default
+    /// [`DEFAULT_TOKEN_DAYS`]). A token made over the API always expires;
+    /// only `idgate token create --expires-in never` on the host makes one
+    /// that does not.
     expires_in_days: Option<u32>,
 }
+
+/// An API token's lifetime when the request does not say.
+const DEFAULT_TOKEN_DAYS: u32 = 90;
+/// The longest lifetime a token made over the API may have.
+const MAX_TOKEN_DAYS: u32 = 3650;
 
 pub(super) async fn create_token(
     State(state): State<AdminState>,
@@ -134,6 +142,13 @@ pub(super) async fn create_token(
 ) -> Result<Response, ApiError> {
     principal.require(Role::Admin)?;
     check_account_name(&body.name).map_err(|e| ApiError::bad_request("invalid_name", e))?;
+    let days = body.expires_in_days.unwrap_or(DEFAULT_TOKEN_DAYS);
+    if !(1..=MAX_TOKEN_DAYS).contains(&days) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("expires_in_days must be 1 to {MAX_TOKEN_DAYS}, got {days}"),
+        ));
+    }
     let (token, token_sha256) = new_api_token();
     let at = now();
     let new = NewApiToken {
@@ -142,9 +157,7 @@ pub(super) async fn create_token(
         role: body.role,
         created_by: principal.actor(),
         created_at: at,
-        expires_at: body
-            .expires_in_days
-            .map(|days| at.saturating_add(i64::from(days) * 86_400)),
+        expires_at: Some(at.saturating_add(i64::from(days) * 86_400)),
     };
     state
         .registry

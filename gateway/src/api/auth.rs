@@ -322,6 +322,14 @@ pub async fn authenticate(
             warn!(client = %client_of(&request), "request with an unknown, revoked or expired API token");
             return ApiError::invalid_token().into_response();
         };
+        match creator_in_force(&state, &record.created_by, at).await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(token = %record.name, creator = %record.created_by, "request with an API token whose creator is disabled or gone");
+                return ApiError::invalid_token().into_response();
+            }
+            Err(e) => return ApiError::internal(e).into_response(),
+        }
         if record
             .last_used_at
             .is_none_or(|last| at - last >= TOUCH_EVERY)
@@ -394,6 +402,38 @@ pub async fn authenticate(
 
 /// Whether `request` carries `expected` in the header or the form body; the
 /// request comes back whole (its body re-assembled if it was read).
+/// Whether whoever created a token still could: a token made by an account
+/// stops working when the account is disabled or removed, one made by a
+/// token when that token is revoked or expired (and so on up the chain);
+/// one made on the host (`cli:…`) depends on nobody.
+async fn creator_in_force(
+    state: &AdminState,
+    created_by: &str,
+    at: i64,
+) -> Result<bool, crate::registry::RegistryError> {
+    let mut creator = created_by.to_owned();
+    // A chain is as long as tokens made by tokens; names are unique, so a
+    // longer one than there are tokens is a loop.
+    for _ in 0..16 {
+        if let Some(name) = creator.strip_prefix("user:") {
+            let account = state.registry.account(name).await?;
+            return Ok(account.is_some_and(|a| a.disabled_at.is_none()));
+        }
+        let Some(name) = creator.strip_prefix("token:") else {
+            return Ok(true);
+        };
+        let tokens = state.registry.api_tokens().await?;
+        let Some(token) = tokens.into_iter().find(|t| t.name == name) else {
+            return Ok(false);
+        };
+        if token.revoked_at.is_some() || token.expires_at.is_some_and(|e| e <= at) {
+            return Ok(false);
+        }
+        creator = token.created_by;
+    }
+    Ok(false)
+}
+
 async fn check_csrf(request: Request<Body>, expected: &str) -> (Request<Body>, bool) {
     if let Some(sent) = request.headers().get(CSRF_HEADER) {
         let passed = constant_time_eq(sent.as_bytes(), expected.as_bytes());

@@ -31,7 +31,8 @@ pub(super) enum UserCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Disable an account: its sessions end at once, it can no longer log in.
+    /// Disable an account: its sessions end at once, it can no longer log
+    /// in, and the API tokens it made stop working (until enabled again).
     Disable {
         /// Login name.
         name: String,
@@ -59,9 +60,10 @@ pub(super) enum TokenCommand {
         /// viewer, operator or admin.
         #[arg(long)]
         role: Role,
-        /// Lifetime, e.g. 90d (default: until revoked).
-        #[arg(long, value_parser = parse_duration)]
-        expires_in: Option<Duration>,
+        /// Lifetime, e.g. 30d or 365d; `never` for a token that lasts
+        /// until revoked (or its creator's account is disabled).
+        #[arg(long, value_parser = parse_token_lifetime, default_value = "90d")]
+        expires_in: TokenLifetime,
     },
     /// List API tokens (never the tokens themselves).
     List {
@@ -74,6 +76,17 @@ pub(super) enum TokenCommand {
         /// Its name.
         name: String,
     },
+}
+
+/// An API token's lifetime; `None`: until revoked.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TokenLifetime(Option<Duration>);
+
+fn parse_token_lifetime(text: &str) -> Result<TokenLifetime, String> {
+    if text.trim() == "never" {
+        return Ok(TokenLifetime(None));
+    }
+    parse_duration(text).map(|d| TokenLifetime(Some(d)))
 }
 
 /// Reads a new password: one line of stdin, or twice from the terminal.
@@ -213,7 +226,7 @@ pub(super) async fn token(
                     role,
                     created_by: actor(),
                     created_at: at,
-                    expires_at: expires_in.map(|d| at.saturating_add(d.as_secs() as i64)),
+                    expires_at: expires_in.0.map(|d| at.saturating_add(d.as_secs() as i64)),
                 })
                 .await;
             registry.close().await;
