@@ -34,9 +34,15 @@ use crate::keystore::SoftKeyStore;
 /// What the agent reports as its version on the line.
 pub const AGENT_VERSION: &str = concat!("idgate-agent ", env!("CARGO_PKG_VERSION"));
 
-/// The largest body the device accepts: a reply with the largest certificate
-/// and chain the agent keeps, plus the CBOR and link framing around them.
-pub const RECEIVE_BODY: usize = idgate_agent::MAX_CERTIFICATE + idgate_agent::MAX_CHAIN_BYTES + 512;
+/// The largest frame body the device accepts: sized to the chain it expects
+/// (the device certificate and one issuing CA under the pinned root), not to
+/// the most the agent could keep ([`idgate_agent::MAX_CERTIFICATE`] +
+/// [`idgate_agent::MAX_CHAIN_BYTES`]), which would cost 2 KiB more of stack
+/// for the whole session. A real enrollment reply measures 1 164 B (frame
+/// body; `docs/firmware.md` "Footprint"): this leaves a third for longer
+/// names. A longer frame is skipped by the link decoder and counted as
+/// ignored; the request then gives up after its retries (`gave_up`).
+pub const RECEIVE_BODY: usize = 1536;
 
 /// The largest frame the device sends: a request and its framing.
 const SEND_FRAME: usize = link::wire_len_max(MAX_REQUEST + 16);
@@ -79,6 +85,9 @@ pub enum Outcome {
         ignored_messages: u32,
         /// How many times the request was sent.
         attempts: u32,
+        /// The longest frame body received (the reply, normally): how much of
+        /// [`RECEIVE_BODY`] a real session uses.
+        largest_frame: usize,
     },
     /// A final failure, reported to the station as `Failed { code, .. }`.
     Failed {
@@ -103,7 +112,7 @@ struct Device<'a, 'k, B, F: NorFlash> {
     device_id: heapless::String<MAX_ID>,
     enrolled: bool,
     ignored_frames: u32,
-    tx: [u8; SEND_FRAME],
+    largest_frame: usize,
     /// Set when the session ended; `run` returns it.
     outcome: Option<Outcome>,
 }
@@ -147,7 +156,7 @@ pub fn run<B: Board, F: NorFlash>(
         device_id: heapless::String::new(),
         enrolled,
         ignored_frames: 0,
-        tx: [0; SEND_FRAME],
+        largest_frame: 0,
         outcome: None,
     };
     let mut rx = [0u8; RECEIVE_BODY];
@@ -188,14 +197,16 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         }
     }
 
-    // Not inlined: its locals then live only while it runs, instead of
-    // adding to `run`'s frame for the whole session.
+    // Not inlined, and the transmit buffer is its own: it is on the stack
+    // only while a frame is sent, never while a request starts (the deepest
+    // path), instead of in `run`'s frame for the whole session.
     #[inline(never)]
     fn send(&mut self, frame: &Frame<'_>) {
+        let mut tx = [0u8; SEND_FRAME];
         // Every frame the device builds fits SEND_FRAME; one that does not
         // (cannot happen) is dropped rather than sent cut.
-        if let Ok(len) = frame.encode(&mut self.tx) {
-            self.board.write_all(&self.tx[..len]);
+        if let Ok(len) = frame.encode(&mut tx) {
+            self.board.write_all(&tx[..len]);
         }
     }
 
@@ -211,6 +222,7 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         // When frames arrive depends on the station and the host; the timer's
         // low bits at that moment are a little entropy, never a lot.
         let jitter = self.board.jitter().to_le_bytes();
+        self.largest_frame = self.largest_frame.max(frame.body_len());
         let keys = match (&mut self.keys, &mut self.enrollment) {
             (Some(keys), _) => Some(&mut **keys),
             (None, Some(running)) => Some(&mut **running.key_store_mut()),
@@ -400,6 +412,7 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
             ignored_frames: self.ignored_frames,
             ignored_messages,
             attempts,
+            largest_frame: self.largest_frame,
         });
     }
 
