@@ -8,7 +8,7 @@ use idgate_hal::KeyStore;
 use idgate_pki::protocol::{EnrollRequest, IdError, Op, enrollment_proof};
 
 use crate::error::{Error, UsageError};
-use crate::exchange::{Certified, Event, Exchange, RequestKind};
+use crate::exchange::{Certified, Event, Exchange, Keep, RequestKind};
 use crate::retry::RetryPolicy;
 use crate::rid::Rid;
 
@@ -55,7 +55,7 @@ impl fmt::Debug for Config<'_> {
     }
 }
 
-impl<K: KeyStore> Exchange<K, Enroll> {
+impl<K: KeyStore, S: Keep> Exchange<K, Enroll, S> {
     /// Generates a fresh key in the key store's staging slot, builds and signs a
     /// CSR for it (CN = device id), computes the proof and encodes the request.
     /// The first transmission is ready at once.
@@ -64,7 +64,7 @@ impl<K: KeyStore> Exchange<K, Enroll> {
         key_store: K,
         rid: Rid,
         now_ms: u64,
-    ) -> Result<Enrollment<K>, Error> {
+    ) -> Result<Exchange<K, Enroll, S>, Error> {
         let mut slot = None;
         Self::start_in(&mut slot, config, key_store, rid, now_ms)?;
         slot.ok_or(Error::Usage(UsageError::EmptyToken))
@@ -75,7 +75,7 @@ impl<K: KeyStore> Exchange<K, Enroll> {
     /// second copy of its few KiB on the stack. On an error `slot` is left
     /// as it was.
     pub fn start_in(
-        slot: &mut Option<Enrollment<K>>,
+        slot: &mut Option<Exchange<K, Enroll, S>>,
         config: &Config<'_>,
         key_store: K,
         rid: Rid,

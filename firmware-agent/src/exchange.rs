@@ -169,8 +169,31 @@ fn truncated<const N: usize>(s: &str) -> heapless::String<N> {
 }
 
 mod sealed {
+    use idgate_pki::protocol::Issued;
+
+    use crate::error::PeerError;
+
     pub trait Sealed {}
+
+    /// How a finished request holds what it keeps of the reply.
+    pub trait Storage {
+        /// Nothing kept yet: lengths only, so it is put in place cheaply.
+        fn empty() -> Self;
+        /// Keeps what it keeps of a reply that passed every check.
+        fn fill(&mut self, issued: &Issued<'_>) -> Result<(), PeerError>;
+        fn certificate(&self) -> Option<&[u8]>;
+        fn chain(&self) -> impl Iterator<Item = &[u8]>;
+        fn serial(&self) -> &super::Serial;
+    }
 }
+
+/// What a certified [`Exchange`] keeps of the reply: a copy of the
+/// certificate and chain ([`KeepCopy`], the default, 3 KiB), or only the
+/// serial ([`KeepSerial`]), for a caller that takes the certificate and chain
+/// from the very payload it handed to
+/// [`handle_message`](Exchange::handle_message), which certified the request.
+/// Sealed.
+pub trait Keep: sealed::Storage {}
 
 /// What kind of certificate request an [`Exchange`] makes: [`Enroll`](crate::Enroll)
 /// or [`Renew`](crate::Renew). Sealed: the protocol defines the kinds.
@@ -215,18 +238,101 @@ struct ExpectCertificate {
     transmit_pending: bool,
 }
 
-/// Done: the certificate for our key.
-struct Certificate {
+/// Keeps a copy of the certificate for our key and its chain once certified
+/// (the default: [`Exchange::certificate`] and [`Exchange::chain`] return
+/// them). The request's slot is then 3 KiB larger.
+#[derive(Debug)]
+pub struct KeepCopy {
     certificate: heapless::Vec<u8, MAX_CERTIFICATE>,
     chain: Chain,
     serial: Serial,
 }
 
-impl Certificate {
+/// Keeps only the serial once certified: [`Exchange::certificate`] is `None`
+/// and [`Exchange::chain`] empty. The caller takes them from the payload that
+/// certified the request (decoded again with `Issued::decode_cbor`: same
+/// bytes, same certificate, already checked), for instance straight from a
+/// receive buffer, and the request's slot is 3 KiB smaller.
+#[derive(Debug)]
+pub struct KeepSerial {
+    serial: Serial,
+}
+
+impl Keep for KeepCopy {}
+impl Keep for KeepSerial {}
+
+impl sealed::Storage for KeepCopy {
+    fn empty() -> Self {
+        KeepCopy::empty()
+    }
+    fn fill(&mut self, issued: &Issued<'_>) -> Result<(), PeerError> {
+        KeepCopy::fill(self, issued)
+    }
+    fn certificate(&self) -> Option<&[u8]> {
+        Some(&self.certificate)
+    }
+    fn chain(&self) -> impl Iterator<Item = &[u8]> {
+        self.chain.iter()
+    }
+    fn serial(&self) -> &Serial {
+        &self.serial
+    }
+}
+
+impl sealed::Storage for KeepSerial {
+    fn empty() -> Self {
+        KeepSerial {
+            serial: Serial::new(),
+        }
+    }
+    fn fill(&mut self, issued: &Issued<'_>) -> Result<(), PeerError> {
+        check_reply(issued)?;
+        self.serial.clear();
+        self.serial
+            .push_str(issued.serial)
+            .map_err(|_| PeerError::BadSerial)
+    }
+    fn certificate(&self) -> Option<&[u8]> {
+        None
+    }
+    fn chain(&self) -> impl Iterator<Item = &[u8]> {
+        core::iter::empty()
+    }
+    fn serial(&self) -> &Serial {
+        &self.serial
+    }
+}
+
+/// Checks that what the device keeps of a reply fits and makes sense,
+/// without copying anything.
+fn check_reply(issued: &Issued<'_>) -> Result<(), PeerError> {
+    if issued.certificate.len() > MAX_CERTIFICATE {
+        return Err(PeerError::CertificateTooLarge);
+    }
+    let chain_len: usize = issued.chain.iter().map(|c| c.len()).sum();
+    if chain_len > MAX_CHAIN_BYTES || u16::try_from(chain_len).is_err() {
+        return Err(PeerError::ChainTooLarge);
+    }
+    if issued.serial.is_empty()
+        || issued.serial.len() > MAX_SERIAL
+        || !issued
+            .serial
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(PeerError::BadSerial);
+    }
+    if issued.not_before > issued.not_after || issued.renew_after > issued.renew_before {
+        return Err(PeerError::BadValidity);
+    }
+    Ok(())
+}
+
+impl KeepCopy {
     /// An empty certificate: the buffers' lengths only, so it can be put in
     /// place without copying kilobytes.
-    const fn empty() -> Certificate {
-        Certificate {
+    const fn empty() -> KeepCopy {
+        KeepCopy {
             certificate: heapless::Vec::new(),
             chain: Chain {
                 bytes: heapless::Vec::new(),
@@ -236,36 +342,11 @@ impl Certificate {
         }
     }
 
-    /// Checks that what the device keeps of a reply fits and makes sense,
-    /// without copying anything.
-    fn check_reply(issued: &Issued<'_>) -> Result<(), PeerError> {
-        if issued.certificate.len() > MAX_CERTIFICATE {
-            return Err(PeerError::CertificateTooLarge);
-        }
-        let chain_len: usize = issued.chain.iter().map(|c| c.len()).sum();
-        if chain_len > MAX_CHAIN_BYTES || u16::try_from(chain_len).is_err() {
-            return Err(PeerError::ChainTooLarge);
-        }
-        if issued.serial.is_empty()
-            || issued.serial.len() > MAX_SERIAL
-            || !issued
-                .serial
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(PeerError::BadSerial);
-        }
-        if issued.not_before > issued.not_after || issued.renew_after > issued.renew_before {
-            return Err(PeerError::BadValidity);
-        }
-        Ok(())
-    }
-
     /// Copies what the device keeps out of a reply that passed
     /// [`check_reply`](Self::check_reply), into `self` (in place: the
     /// buffers are a few KiB, and a small MCU's stack should hold one copy).
     fn fill(&mut self, issued: &Issued<'_>) -> Result<(), PeerError> {
-        Certificate::check_reply(issued)?;
+        check_reply(issued)?;
         self.certificate.clear();
         self.certificate
             .extend_from_slice(issued.certificate)
@@ -293,8 +374,8 @@ impl Certificate {
 
     /// Copies what the device keeps out of a reply, or says why it cannot.
     #[cfg(test)]
-    fn from_reply(issued: &Issued<'_>) -> Result<Certificate, PeerError> {
-        let mut done = Certificate::empty();
+    fn from_reply(issued: &Issued<'_>) -> Result<KeepCopy, PeerError> {
+        let mut done = KeepCopy::empty();
         done.fill(issued)?;
         Ok(done)
     }
@@ -302,10 +383,10 @@ impl Certificate {
 
 // The states share one region of memory: the request buffer while waiting, the
 // certificate buffers once certified. Without a heap there is nothing to box into.
-#[expect(clippy::large_enum_variant, reason = "no heap; variants share memory")]
-enum State {
+#[allow(clippy::large_enum_variant, reason = "no heap; variants share memory")]
+enum State<S> {
     ExpectCertificate(ExpectCertificate),
-    Certified(Certificate),
+    Certified(S),
     Rejected,
     GaveUp,
 }
@@ -321,8 +402,9 @@ enum State {
 /// has passed, and stop at the first [`poll_event`](Self::poll_event).
 ///
 /// `K` may be a `&mut` to a key store. The whole machine lives in a few KiB of
-/// fixed buffers (see [`MAX_CERTIFICATE`], [`MAX_CHAIN_BYTES`], [`MAX_REQUEST`]).
-pub struct Exchange<K, R> {
+/// fixed buffers (see [`MAX_CERTIFICATE`], [`MAX_CHAIN_BYTES`], [`MAX_REQUEST`]);
+/// `S` says what it keeps of the reply once certified ([`Keep`]).
+pub struct Exchange<K, R, S = KeepCopy> {
     key_store: K,
     device_id: heapless::String<MAX_ID>,
     rid: Rid,
@@ -336,13 +418,13 @@ pub struct Exchange<K, R> {
     anchors: Anchors,
     /// Transmissions handed out or pending, the first included.
     attempts: u32,
-    state: State,
+    state: State<S>,
     events: heapless::Deque<Event, 2>,
     ignored: u32,
     kind: PhantomData<fn() -> R>,
 }
 
-impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
+impl<K: KeyStore, R: RequestKind, S: Keep> Exchange<K, R, S> {
     /// What every `start` does: checks the device id and the retry policy,
     /// generates a fresh key in the key store's staging slot and builds a CSR for
     /// it (CN = device id, signed with that key). `encode` then writes the
@@ -356,7 +438,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
         reason = "the slot, then what every kind of request shares"
     )]
     pub(crate) fn begin_in(
-        slot: &mut Option<Exchange<K, R>>,
+        slot: &mut Option<Exchange<K, R, S>>,
         device_id: &str,
         retry: RetryPolicy,
         pinned_roots: &[&[u8]],
@@ -496,7 +578,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     /// The issued certificate (DER), once certified.
     pub fn certificate(&self) -> Option<&[u8]> {
         match &self.state {
-            State::Certified(done) => Some(&done.certificate),
+            State::Certified(done) => done.certificate(),
             _ => None,
         }
     }
@@ -505,7 +587,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     /// empty until certified.
     pub fn chain(&self) -> impl Iterator<Item = &[u8]> {
         let chain = match &self.state {
-            State::Certified(done) => Some(done.chain.iter()),
+            State::Certified(done) => Some(done.chain()),
             _ => None,
         };
         chain.into_iter().flatten()
@@ -514,7 +596,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     /// The serial of the issued certificate, once certified.
     pub fn serial(&self) -> Option<&str> {
         match &self.state {
-            State::Certified(done) => Some(&done.serial),
+            State::Certified(done) => Some(done.serial()),
             _ => None,
         }
     }
@@ -651,7 +733,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             warn!("{}: certificate for another key ignored", R::OP.as_str());
             return Err(PeerError::WrongKey.into());
         }
-        Certificate::check_reply(&issued)?;
+        check_reply(&issued)?;
         // The costly check last: two ECDSA verifications on a small MCU. It
         // reads the reply in place; nothing is copied before it passed.
         if let Err(e) = chain::verify(
@@ -669,7 +751,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
             .map_err(|e| key_error(KeyOperation::Promote, &e))?;
         // Switch state in place, then copy: the checks above make the copy
         // infallible, so the request buffer is not needed any more.
-        self.state = State::Certified(Certificate::empty());
+        self.state = State::Certified(S::empty());
         let State::Certified(done) = &mut self.state else {
             return Err(PeerError::Finished.into());
         };
@@ -677,10 +759,10 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
         info!(
             "{}: certified, serial {}",
             R::OP.as_str(),
-            done.serial.as_str()
+            done.serial().as_str()
         );
         let event = R::certified(Certified {
-            serial: done.serial.clone(),
+            serial: done.serial().clone(),
             not_before: issued.not_before,
             not_after: issued.not_after,
             gateway_time: issued.time,
@@ -723,7 +805,7 @@ impl<K: KeyStore, R: RequestKind> Exchange<K, R> {
     // Inlined so the state is written in place: passed by value, a `State`
     // is a 3 KiB temporary on a small MCU's stack.
     #[inline(always)]
-    fn finish(&mut self, state: State, event: Event) {
+    fn finish(&mut self, state: State<S>, event: Event) {
         self.state = state;
         // There is one final event per request and room for two.
         let _ = self.events.push_back(event);
@@ -739,7 +821,7 @@ pub(crate) fn key_error(operation: KeyOperation, e: &impl idgate_hal::Error) -> 
     .into()
 }
 
-impl<K, R: RequestKind> fmt::Debug for Exchange<K, R> {
+impl<K, R: RequestKind, S> fmt::Debug for Exchange<K, R, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::ExpectCertificate(_) => "ExpectCertificate",
@@ -786,7 +868,7 @@ mod tests {
             renew_after: 1,
             renew_before: 2,
         };
-        let done = Certificate::from_reply(&issued).unwrap();
+        let done = KeepCopy::from_reply(&issued).unwrap();
         let mut chain = done.chain.iter();
         assert_eq!(chain.next(), Some(&[1u8, 2, 3][..]));
         assert_eq!(chain.next(), Some(&[4u8][..]));
@@ -797,7 +879,7 @@ mod tests {
                 serial,
                 ..issued.clone()
             };
-            assert_eq!(Certificate::from_reply(&issued).is_ok(), ok, "{serial}");
+            assert_eq!(KeepCopy::from_reply(&issued).is_ok(), ok, "{serial}");
         }
         let long = [b'a'; MAX_SERIAL + 1];
         let long = core::str::from_utf8(&long).unwrap();
@@ -806,7 +888,7 @@ mod tests {
             ..issued.clone()
         };
         assert_eq!(
-            Certificate::from_reply(&issued_long).err(),
+            KeepCopy::from_reply(&issued_long).err(),
             Some(PeerError::BadSerial)
         );
         let backwards = Issued {
@@ -814,7 +896,7 @@ mod tests {
             ..issued.clone()
         };
         assert_eq!(
-            Certificate::from_reply(&backwards).err(),
+            KeepCopy::from_reply(&backwards).err(),
             Some(PeerError::BadValidity)
         );
         let big = [0u8; MAX_CERTIFICATE + 1];
@@ -823,7 +905,7 @@ mod tests {
             ..issued.clone()
         };
         assert_eq!(
-            Certificate::from_reply(&too_big).err(),
+            KeepCopy::from_reply(&too_big).err(),
             Some(PeerError::CertificateTooLarge)
         );
         let big_chain = [0u8; MAX_CHAIN_BYTES / 2 + 1];
@@ -835,7 +917,7 @@ mod tests {
             ..issued
         };
         assert_eq!(
-            Certificate::from_reply(&too_big).err(),
+            KeepCopy::from_reply(&too_big).err(),
             Some(PeerError::ChainTooLarge)
         );
     }

@@ -36,9 +36,9 @@ pub use chain::{ChainError, MAX_PINNED_ROOTS};
 pub use enrollment::{Config, Enroll, Enrollment};
 pub use error::{Error, HardwareError, KeyOperation, PeerError, UsageError};
 pub use exchange::{
-    Certified, Event, Exchange, MAX_CERTIFICATE, MAX_CHAIN_BYTES, MAX_REJECT_CODE,
-    MAX_REJECT_MESSAGE, MAX_REQUEST, MAX_SERIAL, Rejection, RequestKind, Serial, TopicName,
-    Transmit,
+    Certified, Event, Exchange, Keep, KeepCopy, KeepSerial, MAX_CERTIFICATE, MAX_CHAIN_BYTES,
+    MAX_REJECT_CODE, MAX_REJECT_MESSAGE, MAX_REQUEST, MAX_SERIAL, Rejection, RequestKind, Serial,
+    TopicName, Transmit,
 };
 pub use renewal::{Renew, RenewConfig, Renewal};
 pub use retry::RetryPolicy;

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use idgate_agent::{
-    Certified, ChainError, Config, Enrollment, Error, Event, HardwareError, KeyOperation,
-    PeerError, RetryPolicy, Rid, UsageError,
+    Certified, ChainError, Config, Enroll, Enrollment, Error, Event, Exchange, HardwareError,
+    KeepSerial, KeyOperation, PeerError, RetryPolicy, Rid, UsageError,
 };
 use idgate_hal::{ErrorKind, KeySlot, KeyStore};
 use idgate_pki::csr::p256_spki;
@@ -288,6 +288,52 @@ fn certificate_from_an_unpinned_ca_is_refused() {
     let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
     agent.handle_message(2, &reply_topic, &reply).unwrap();
     assert_enrolled(&mut agent, &gateway);
+}
+
+/// A request that keeps only the serial (a device taking the certificate
+/// from its receive buffer) runs the same checks: a forged chain is refused,
+/// the genuine reply certifies, and its certificate is left in the reply.
+#[test]
+fn keeping_only_the_serial_checks_the_same() {
+    let mut store = SoftKeyStore::new();
+    let mut gateway = gateway();
+    let mut impostor = FakeGateway::with_own_ca(std::str::from_utf8(TOKEN).unwrap());
+    let config = Config {
+        device_id: DEVICE,
+        token: TOKEN,
+        retry: fast_retry(),
+        pinned_roots: roots(),
+    };
+    let rid = Rid::random(&mut rand::rngs::OsRng);
+    let mut agent: Exchange<_, Enroll, KeepSerial> =
+        Exchange::<_, Enroll, KeepSerial>::start(&config, &mut store, rid, 0).unwrap();
+    let (topic, payload) = transmit(&mut agent).unwrap();
+    let (reply_topic, forged) = impostor.handle(&topic, &payload).unwrap();
+    assert!(matches!(
+        agent.handle_message(1, &reply_topic, &forged),
+        Err(Error::Peer(PeerError::Chain(ChainError::BadSignature)))
+    ));
+    assert!(!agent.is_finished());
+    assert!(agent.key_store().public_key(KeySlot::Current).is_err());
+
+    let (reply_topic, reply) = gateway.handle(&topic, &payload).unwrap();
+    agent.handle_message(2, &reply_topic, &reply).unwrap();
+    let Some(Event::Enrolled(certified)) = agent.poll_event() else {
+        panic!("expected Enrolled");
+    };
+    assert_eq!(agent.serial(), Some(certified.serial.as_str()));
+    assert_eq!(agent.certificate(), None);
+    assert_eq!(agent.chain().count(), 0);
+    let issued = idgate_pki::protocol::Issued::decode_cbor(&reply).unwrap();
+    assert_eq!(issued.serial, certified.serial.as_str());
+    assert_eq!(
+        certificate_spki(issued.certificate).unwrap(),
+        &p256_spki(agent.public_key())[..]
+    );
+    assert_eq!(
+        agent.key_store().public_key(KeySlot::Current).unwrap(),
+        *agent.public_key()
+    );
 }
 
 #[test]

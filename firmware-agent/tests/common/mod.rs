@@ -42,8 +42,8 @@ pub fn fast_retry() -> RetryPolicy {
 }
 
 /// The next transmission's topic and payload.
-pub fn transmit<K: KeyStore, R: RequestKind>(
-    agent: &mut Exchange<K, R>,
+pub fn transmit<K: KeyStore, R: RequestKind, S: idgate_agent::Keep>(
+    agent: &mut Exchange<K, R, S>,
 ) -> Option<(String, Vec<u8>)> {
     let mut buf = [0u8; MAX_REQUEST];
     let t = agent.poll_transmit(&mut buf)?;

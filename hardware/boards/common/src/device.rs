@@ -18,13 +18,13 @@
 //! replies for another device or request) is ignored, and counted.
 
 use idgate_agent::{
-    Choice, Commit, Config, Credential, CredentialStore, Enrollment, Event, MAX_REQUEST, Rejection,
-    RetryPolicy, Rid,
+    Choice, Commit, Config, Credential, CredentialStore, Enroll, Event, Exchange, KeepSerial,
+    MAX_REQUEST, Rejection, RetryPolicy, Rid,
 };
 use idgate_hal::Clock;
 use idgate_hal::flash::NorFlash;
 use idgate_pki::link::{self, DeviceState, Frame};
-use idgate_pki::protocol::{Format, MAX_ID, Op, Topic, check_device_id};
+use idgate_pki::protocol::{Format, Issued, MAX_ID, Op, Topic, check_device_id};
 use sha2::{Digest, Sha256};
 
 use crate::drbg::HmacDrbg;
@@ -99,6 +99,11 @@ pub enum Outcome {
 /// The key store; it lives in `run`'s frame and is lent to each request.
 pub type Keys = SoftKeyStore<HmacDrbg>;
 
+/// The running enrollment. It keeps only the serial of its certificate: the
+/// certificate and chain are taken from the reply where it was received (the
+/// receive buffer), not from a 3 KiB copy in the request.
+type Request<'k> = Exchange<&'k mut Keys, Enroll, KeepSerial>;
+
 /// The device's state between frames.
 struct Device<'a, 'k, B, F: NorFlash> {
     board: B,
@@ -108,7 +113,7 @@ struct Device<'a, 'k, B, F: NorFlash> {
     keys: Option<&'k mut Keys>,
     /// The running request. It is a few KiB: it is dropped in place, never
     /// moved, so the stack holds one copy.
-    enrollment: Option<Enrollment<&'k mut Keys>>,
+    enrollment: Option<Request<'k>>,
     device_id: heapless::String<MAX_ID>,
     enrolled: bool,
     ignored_frames: u32,
@@ -258,7 +263,10 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
                 match topic.to_heapless() {
                     Ok(topic) => {
                         // An ignored reply is counted by the agent itself.
-                        let _ = enrollment.handle_message(now, &topic, payload);
+                        if enrollment.handle_message(now, &topic, payload).is_ok() {
+                            // While the reply is still in the receive buffer.
+                            self.on_event(Some(payload));
+                        }
                     }
                     Err(_) => self.ignored_frames = self.ignored_frames.saturating_add(1),
                 }
@@ -312,7 +320,7 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
         };
         // Straight into its place: the machine is a few KiB, and returning
         // it by value would hold a second copy on the stack.
-        if Enrollment::start_in(&mut self.enrollment, &config, keys, rid, now).is_ok() {
+        if Request::start_in(&mut self.enrollment, &config, keys, rid, now).is_ok() {
             self.device_id.clear();
             // `start` checked the id, which fits MAX_ID.
             let _ = self.device_id.push_str(device_id);
@@ -340,15 +348,28 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
                 payload: &request[..transmit.len],
             });
         }
+        self.on_event(None);
+    }
+
+    /// Handles the request's event, if any. `reply` is the payload that was
+    /// just accepted, still where it was received; an enrollment can only end
+    /// in `Enrolled` with it.
+    fn on_event(&mut self, reply: Option<&[u8]>) {
         let Some(enrollment) = self.enrollment.as_mut() else {
             return;
         };
         let Some(event) = enrollment.poll_event() else {
             return;
         };
+        match (event, reply) {
+            (Event::Enrolled(certified), Some(reply)) => self.on_enrolled(&certified, reply),
+            (event, _) => self.on_end(&event),
+        }
+    }
+
+    fn on_end(&mut self, event: &Event) {
         match event {
-            Event::Enrolled(certified) => self.on_enrolled(&certified),
-            Event::Rejected(rejection) => self.on_rejected(&rejection),
+            Event::Rejected(rejection) => self.on_rejected(rejection),
             Event::GaveUp { .. } => self.fail("gave_up", "no answer from the gateway"),
             _ => self.fail("internal", "unexpected agent event"),
         }
@@ -357,19 +378,31 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
     // Not inlined: its locals then live only while it runs, instead of
     // adding to `run`'s frame for the whole session.
     #[inline(never)]
-    fn on_enrolled(&mut self, certified: &idgate_agent::Certified) {
+    fn on_enrolled(&mut self, certified: &idgate_agent::Certified, reply: &[u8]) {
         let Some(enrollment) = self.enrollment.as_ref() else {
             return;
         };
         let ignored_messages = enrollment.ignored_messages();
         let attempts = enrollment.attempts();
+        // The reply the agent just checked (rid, key, chain to the pinned
+        // root), decoded again where it was received: the same bytes, so the
+        // same certificate and chain, with the serial it certified.
+        let Ok(issued) = Issued::decode_cbor(reply) else {
+            self.fail("internal", "the accepted reply does not decode again");
+            return;
+        };
+        if issued.serial != certified.serial.as_str() {
+            self.fail("internal", "the accepted reply does not decode again");
+            return;
+        }
         let mut credential = Credential::default();
         let copied = credential
             .certificate
-            .extend_from_slice(enrollment.certificate().unwrap_or_default())
+            .extend_from_slice(issued.certificate)
             .is_ok()
-            && enrollment
-                .chain()
+            && issued
+                .chain
+                .iter()
                 .all(|c| credential.chain.extend_from_slice(c).is_ok());
         let blob = enrollment.key_store().current_blob();
         // Drop the request in place: its buffers are not needed any more.
@@ -432,8 +465,8 @@ impl<'k, B: Board, F: NorFlash> Device<'_, 'k, B, F> {
 /// inlined, so the request moved out of its slot occupies the stack only here,
 /// not while the next request starts.
 #[inline(never)]
-fn reclaim<'k>(slot: &mut Option<Enrollment<&'k mut Keys>>) -> Option<&'k mut Keys> {
-    slot.take().map(Enrollment::into_key_store)
+fn reclaim<'k>(slot: &mut Option<Request<'k>>) -> Option<&'k mut Keys> {
+    slot.take().map(Request::into_key_store)
 }
 
 /// SHA-256 over a credential's fields, each with its length.
