@@ -449,33 +449,37 @@ impl<K: KeyStore, R: RequestKind, S: Keep> Exchange<K, R, S> {
     ) -> Result<(), Error> {
         check_device_id(device_id).map_err(UsageError::BadDeviceId)?;
         retry.check()?;
-        if pinned_roots.is_empty() {
-            return Err(UsageError::BadPinnedRoots.into());
-        }
-        let mut anchors = Anchors::new();
-        for root in pinned_roots {
-            let anchor = Anchor::from_der(root).map_err(|_| UsageError::BadPinnedRoots)?;
-            anchors
-                .push(anchor)
-                .map_err(|_| UsageError::BadPinnedRoots)?;
-        }
-        let too_long = |_| UsageError::BadDeviceId(IdError::TooLong);
-        let request = Topic::request(device_id, R::OP, Format::Cbor);
-        let request_topic = request.to_heapless().map_err(too_long)?;
-        let reply_topics = [
-            request
-                .with_reply(Reply::Accepted)
-                .to_heapless()
-                .map_err(too_long)?,
-            request
-                .with_reply(Reply::Rejected)
-                .to_heapless()
-                .map_err(too_long)?,
-        ];
-        let mut id = heapless::String::new();
-        id.push_str(device_id)
-            .map_err(|_| UsageError::BadDeviceId(IdError::TooLong))?;
+        check_roots(pinned_roots)?;
+        // Three steps, the last two not inlined: the deep one (key
+        // generation and signing) runs while the caller's frame holds only
+        // the request, not the topics and anchors the machine is made of.
+        let mut request = [0u8; MAX_REQUEST];
+        let (public_key, len) =
+            Self::sign_request(device_id, &mut key_store, &rid, encode, &mut request)?;
+        let request = request.get(..len).unwrap_or_default();
+        Self::place(
+            slot,
+            device_id,
+            retry,
+            pinned_roots,
+            key_store,
+            rid,
+            now_ms,
+            public_key,
+            request,
+        )
+    }
 
+    /// Generates the key in the staging slot, builds and signs the CSR, and
+    /// has `encode` write the request around it into `request`.
+    #[inline(never)]
+    fn sign_request(
+        device_id: &str,
+        key_store: &mut K,
+        rid: &Rid,
+        encode: impl FnOnce(&mut K, &Rid, &[u8], &mut [u8; MAX_REQUEST]) -> Result<usize, Error>,
+        request: &mut [u8; MAX_REQUEST],
+    ) -> Result<(P256PublicKey, usize), Error> {
         let public_key = key_store
             .generate_next()
             .map_err(|e| key_error(KeyOperation::Generate, &e))?;
@@ -492,12 +496,53 @@ impl<K: KeyStore, R: RequestKind, S: Keep> Exchange<K, R, S> {
             // A checked device id (≤ 64 bytes) always fits MAX_P256_CSR.
             CsrError::BufferTooSmall => UsageError::BadDeviceId(IdError::TooLong).into(),
         })?;
-        let mut buf = [0u8; MAX_REQUEST];
-        let len = encode(&mut key_store, &rid, &csr[..csr_len], &mut buf)?;
-        let request = buf.get(..len).unwrap_or_default();
-        if request.len() > MAX_REQUEST {
+        let len = encode(key_store, rid, &csr[..csr_len], request)?;
+        if len > MAX_REQUEST {
             return Err(UsageError::BadRid(IdError::TooLong).into());
         }
+        Ok((public_key, len))
+    }
+
+    /// Builds the machine in `slot` around a signed request.
+    #[inline(never)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the slot, then what the machine is made of"
+    )]
+    fn place(
+        slot: &mut Option<Exchange<K, R, S>>,
+        device_id: &str,
+        retry: RetryPolicy,
+        pinned_roots: &[&[u8]],
+        key_store: K,
+        rid: Rid,
+        now_ms: u64,
+        public_key: P256PublicKey,
+        request: &[u8],
+    ) -> Result<(), Error> {
+        let mut anchors = Anchors::new();
+        for root in pinned_roots {
+            let anchor = Anchor::from_der(root).map_err(|_| UsageError::BadPinnedRoots)?;
+            anchors
+                .push(anchor)
+                .map_err(|_| UsageError::BadPinnedRoots)?;
+        }
+        let too_long = |_| UsageError::BadDeviceId(IdError::TooLong);
+        let topic = Topic::request(device_id, R::OP, Format::Cbor);
+        let request_topic = topic.to_heapless().map_err(too_long)?;
+        let reply_topics = [
+            topic
+                .with_reply(Reply::Accepted)
+                .to_heapless()
+                .map_err(too_long)?,
+            topic
+                .with_reply(Reply::Rejected)
+                .to_heapless()
+                .map_err(too_long)?,
+        ];
+        let mut id = heapless::String::new();
+        id.push_str(device_id)
+            .map_err(|_| UsageError::BadDeviceId(IdError::TooLong))?;
 
         let mut jitter = Jitter::seeded_from(rid.as_str().as_bytes());
         let deadline_ms = now_ms.saturating_add(retry.timeout_ms(1, &mut jitter));
@@ -514,7 +559,7 @@ impl<K: KeyStore, R: RequestKind, S: Keep> Exchange<K, R, S> {
             anchors,
             attempts: 1,
             // Filled in place below: a `State` built here would be a
-            // temporary of its largest variant (3 KiB).
+            // temporary of its largest variant.
             state: State::GaveUp,
             events: heapless::Deque::new(),
             ignored: 0,
@@ -527,7 +572,7 @@ impl<K: KeyStore, R: RequestKind, S: Keep> Exchange<K, R, S> {
                 transmit_pending: true,
             });
             if let State::ExpectCertificate(waiting) = &mut exchange.state {
-                // Checked above: the request fits.
+                // Checked by `sign_request`: the request fits.
                 let _ = waiting.request.extend_from_slice(request);
             }
         }
@@ -810,6 +855,20 @@ impl<K: KeyStore, R: RequestKind, S: Keep> Exchange<K, R, S> {
         // There is one final event per request and room for two.
         let _ = self.events.push_back(event);
     }
+}
+
+/// Checks that the pinned roots are one or two certificates the agent can
+/// verify with, before a key is generated; `place` parses them again into
+/// the machine (cheap next to key generation, and keeps the two apart).
+#[inline(never)]
+fn check_roots(pinned_roots: &[&[u8]]) -> Result<(), UsageError> {
+    if pinned_roots.is_empty() || pinned_roots.len() > crate::chain::MAX_PINNED_ROOTS {
+        return Err(UsageError::BadPinnedRoots);
+    }
+    for root in pinned_roots {
+        Anchor::from_der(root).map_err(|_| UsageError::BadPinnedRoots)?;
+    }
+    Ok(())
 }
 
 /// A key store failure as the agent reports it.
