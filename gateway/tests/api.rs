@@ -1371,6 +1371,61 @@ async fn accounts_tokens_ca_and_openapi() {
         let response = staff.get(&staff.operator, path).await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
     }
+    // ... and so is every change to them: refused to operators, viewers and
+    // an operator token alike, and nothing changes.
+    let changes = [
+        (
+            "/api/v1/accounts",
+            json!({ "name": "mallory", "role": "admin", "password": PASSWORD }),
+        ),
+        ("/api/v1/accounts/vera/disable", json!({})),
+        ("/api/v1/accounts/vera/enable", json!({})),
+        (
+            "/api/v1/tokens",
+            json!({ "name": "mallory", "role": "admin", "expires_in_days": 1 }),
+        ),
+        ("/api/v1/tokens/station-3/revoke", json!({})),
+    ];
+    for (path, body) in &changes {
+        for who in [&staff.operator, &staff.viewer] {
+            let response = staff
+                .send(who, post.clone(), path, Some(body.clone()))
+                .await;
+            assert_eq!(
+                error_code(response).await,
+                (StatusCode::FORBIDDEN, "forbidden".into()),
+                "{path}"
+            );
+        }
+        let response = staff
+            .admin
+            .client()
+            .post(staff.admin.url(path))
+            .bearer_auth(&staff.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::FORBIDDEN, "forbidden".into()),
+            "token {path}"
+        );
+    }
+    let registry = staff.admin.gateway.registry();
+    assert!(registry.account("mallory").await.unwrap().is_none());
+    assert!(
+        registry
+            .account("vera")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled_at
+            .is_none()
+    );
+    let tokens = registry.api_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert!(tokens[0].revoked_at.is_none());
     let response = staff
         .send(
             &staff.boss,
@@ -1514,6 +1569,10 @@ async fn accounts_tokens_ca_and_openapi() {
                 .unwrap();
             let status = response.status();
             assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            // An operator token reaches no admin-only route.
+            if path.starts_with("/api/v1/accounts") || path.starts_with("/api/v1/tokens") {
+                assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
+            }
             let body = response.text().await.unwrap();
             assert!(
                 !body.contains("no such API route"),

@@ -45,9 +45,12 @@ pub(super) struct NewAccount {
 pub(super) async fn add(
     State(state): State<AdminState>,
     principal: Principal,
-    Body(body): Body<NewAccount>,
+    // Who asks is checked before what they sent: a non-admin learns nothing
+    // about the body's rules.
+    body: Result<Body<NewAccount>, ApiError>,
 ) -> Result<Response, ApiError> {
     principal.require(Role::Admin)?;
+    let Body(body) = body?;
     check_account_name(&body.name).map_err(|e| ApiError::bad_request("invalid_name", e))?;
     check_password(&body.password).map_err(|e| ApiError::bad_request("weak_password", e))?;
     let password = body.password;
@@ -138,9 +141,12 @@ const MAX_TOKEN_DAYS: u32 = 3650;
 pub(super) async fn create_token(
     State(state): State<AdminState>,
     principal: Principal,
-    Body(body): Body<NewToken>,
+    // Who asks is checked before what they sent: a non-admin learns nothing
+    // about the body's rules.
+    body: Result<Body<NewToken>, ApiError>,
 ) -> Result<Response, ApiError> {
     principal.require(Role::Admin)?;
+    let Body(body) = body?;
     check_account_name(&body.name).map_err(|e| ApiError::bad_request("invalid_name", e))?;
     let days = body.expires_in_days.unwrap_or(DEFAULT_TOKEN_DAYS);
     if !(1..=MAX_TOKEN_DAYS).contains(&days) {
