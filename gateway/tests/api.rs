@@ -875,6 +875,83 @@ async fn ok_json(response: reqwest::Response, status: StatusCode) -> Value {
     serde_json::from_str(&text).expect("JSON body")
 }
 
+/// The console's suspend and resume buttons: refused to a viewer and to a
+/// form without the session's CSRF token, whatever the role; only then done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_status_changes_need_the_role_and_the_csrf_token() {
+    let staff = Staff::start().await;
+    let response = staff
+        .send(
+            &staff.boss,
+            reqwest::Method::POST,
+            "/api/v1/devices",
+            Some(json!({ "id": "sensor-1", "owner": "fm@example.com", "site": "hq-2f" })),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let status = async || {
+        ok_json(
+            staff.get(&staff.viewer, "/api/v1/devices/sensor-1").await,
+            StatusCode::OK,
+        )
+        .await["device"]["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The device is pending (not enrolled yet): a suspend or resume that gets
+    // through is refused by the device's state (409), one that does not by
+    // the gate (403) before anything is looked at.
+    for action in ["suspend", "resume"] {
+        let url = staff.admin.url(&format!("/devices/sensor-1/{action}"));
+        // A viewer with a valid CSRF token.
+        let response = staff
+            .viewer
+            .0
+            .post(&url)
+            .form(&[("csrf", staff.viewer.1.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "viewer {action}");
+        // An operator and an admin without one, or with another session's.
+        for who in [&staff.operator, &staff.boss] {
+            for form in [vec![], vec![("csrf", staff.viewer.1.as_str())]] {
+                let response = who.0.post(&url).form(&form).send().await.unwrap();
+                assert_eq!(
+                    response.status(),
+                    StatusCode::FORBIDDEN,
+                    "{action} {form:?}"
+                );
+            }
+        }
+        assert_eq!(status().await, "pending", "{action}");
+        let response = staff
+            .operator
+            .0
+            .post(&url)
+            .form(&[("csrf", staff.operator.1.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CONFLICT, "{action}");
+    }
+
+    // A form login posted from another site's page opens no session.
+    let response = staff
+        .admin
+        .client()
+        .post(staff.admin.url("/login"))
+        .header("Origin", "https://evil.example")
+        .form(&[("username", "boss"), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()[LOCATION], "/login?error=invalid_request");
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    staff.admin.gateway.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_decide_who_may_change_devices() {
     let staff = Staff::start().await;
