@@ -174,6 +174,27 @@ try {
   await shot(page, "xss-search");
   say("markup in owner and site fields shows as text");
 
+  step = "edit the site";
+  // The device whose owner holds markup: the prefilled owner must go back
+  // unchanged while only the site changes.
+  await page.goto(`${base}/devices/${xssDevice}`);
+  await page.getByRole("link", { name: "Edit owner, site, label" }).click();
+  await page.getByRole("heading", { name: `Edit device ${xssDevice}` }).waitFor();
+  check((await page.getByLabel("Owner (email address)").inputValue()) === xssOwner,
+    "the edit form does not show the owner as stored");
+  const newSite = "Hall 7, room 12";
+  await page.getByLabel("Site").fill(newSite);
+  await shot(page, "edit");
+  await page.getByRole("button", { name: "Save changes" }).click();
+  await page.getByRole("status").waitFor();
+  check(new URL(page.url()).pathname === `/devices/${xssDevice}`, `saving did not return to the device: ${page.url()}`);
+  check((await page.locator("dt:text-is('Site') + dd").innerText()) === newSite, "the device page does not show the new site");
+  check((await page.locator("dt:text-is('Owner') + dd").innerText()) === xssOwner, "saving the site changed the owner");
+  const update = page.getByRole("row").filter({ hasText: "device.update" });
+  check((await update.innerText()).includes(`user:${env("IDGATE_OPERATOR")}`),
+    "the device's audit trail does not name the operator for the edit");
+  say(`the site of ${xssDevice} edited through the form and shown on its page`);
+
   step = "phone screen";
   const phone = await browser.newContext({
     ignoreHTTPSErrors: true,
@@ -194,8 +215,13 @@ try {
   const deviceOverflow = await small.evaluate(() => document.documentElement.scrollWidth - 390);
   check(deviceOverflow <= 0, `the device page is ${deviceOverflow}px wider than a phone screen`);
   await shot(small, "phone-device");
+  await small.goto(`${base}/devices/${other}/edit`);
+  await small.getByRole("heading", { name: `Edit device ${other}` }).waitFor();
+  const editOverflow = await small.evaluate(() => document.documentElement.scrollWidth - 390);
+  check(editOverflow <= 0, `the edit form is ${editOverflow}px wider than a phone screen`);
+  await shot(small, "phone-edit");
   await phone.close();
-  say("overview and device page fit a phone screen");
+  say("overview, device page and edit form fit a phone screen");
 
   step = "log out";
   await page.getByRole("button", { name: "Log out" }).click();
@@ -214,6 +240,7 @@ try {
   await page.getByRole("heading", { name: `Device ${other}` }).waitFor();
   check((await page.getByRole("link", { name: /revoke/i }).count()) === 0, "a viewer sees a revoke button");
   check((await page.getByRole("button", { name: "Suspend" }).count()) === 0, "a viewer sees a suspend button");
+  check((await page.getByRole("link", { name: /edit/i }).count()) === 0, "a viewer sees an edit button");
   await shot(page, "viewer-device");
   const form = await page.request.get(`${base}/devices/${other}/revoke`);
   check(form.status() === 403, `a viewer opens the revoke form (${form.status()})`);
