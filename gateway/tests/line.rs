@@ -59,7 +59,7 @@ async fn station_commands_and_exit_status() {
     let root_pem = std::fs::read(data.root_certificate()).expect("root");
 
     let csv = dir.path().join("b1.csv");
-    std::fs::write(&csv, "id\ncli-1\ncli-2\n").expect("csv");
+    std::fs::write(&csv, "id\ncli-1\ncli-2\ncli-3\n").expect("csv");
     let mut import = idgate(&data_path);
     import.args(["batch", "import"]).arg(&csv).args([
         "--owner",
@@ -159,6 +159,90 @@ async fn station_commands_and_exit_status() {
     assert!(err.contains("PASS cli-2"), "{err}");
     assert!(with_renewed.status.success(), "{err}");
 
+    // Renewing with --revoke-old (after a key compromise): both earlier
+    // certificates go on the CRL at once, the old files are refused at the
+    // handshake, the new ones work.
+    let before = gateway
+        .registry()
+        .station_certificates("fx")
+        .await
+        .expect("certificates");
+    assert_eq!(before.len(), 2);
+    let third_dir = dir.path().join("station-fx-third");
+    let mut renew = idgate(&data_path);
+    renew
+        .args([
+            "station",
+            "renew",
+            "fx",
+            "--revoke-old",
+            "--reason",
+            "compromised",
+            "--out",
+        ])
+        .arg(&third_dir);
+    let renewed = run(renew).await;
+    let out = text(&renewed.stdout);
+    assert!(renewed.status.success(), "{}", text(&renewed.stderr));
+    assert!(out.contains("Revoked 2 earlier certificate(s)"), "{out}");
+    let after = gateway
+        .registry()
+        .station_certificates("fx")
+        .await
+        .expect("certificates");
+    assert_eq!(after.len(), 3);
+    let old: Vec<&str> = before.iter().map(|c| c.serial.as_str()).collect();
+    for certificate in &after {
+        let was_old = old.contains(&certificate.serial.as_str());
+        assert_eq!(certificate.revoked_at.is_some(), was_old, "{certificate:?}");
+        let revoked_line = out
+            .lines()
+            .find(|l| l.starts_with("Revoked"))
+            .expect("revoked");
+        assert_eq!(revoked_line.contains(&certificate.serial), was_old, "{out}");
+    }
+    let target = gateway.registry().revocation_epoch().await.expect("epoch");
+    let mut applied = gateway.revocation();
+    let state = tokio::time::timeout(
+        Duration::from_secs(10),
+        applied.wait_for(|s| s.epoch >= target),
+    )
+    .await
+    .expect("revocation applied in time")
+    .expect("gateway running")
+    .clone();
+    // The signed CRL lists exactly the two old serials, as keyCompromise.
+    let (_, crl) = x509_parser::parse_x509_crl(&state.crl).expect("the CRL parses");
+    let mut listed: Vec<(String, String)> = crl
+        .iter_revoked_certificates()
+        .map(|r| {
+            let reason = r
+                .reason_code()
+                .map(|(_, code)| code.to_string())
+                .unwrap_or_default();
+            (r.raw_serial_as_string().replace(':', ""), reason)
+        })
+        .collect();
+    listed.sort();
+    let mut expected: Vec<(String, String)> = old
+        .iter()
+        .map(|s| (s.to_string(), "KeyCompromise".to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    let unused = fixture(root_pem.clone(), Behaviour::Normal).await;
+    let refused = run(line_with(&unused, "20", &renewed_dir)).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("connecting to the gateway"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let spare = fixture(root_pem.clone(), Behaviour::Normal).await;
+    let with_third = run(line_with(&spare, "20", &third_dir)).await;
+    let err = text(&with_third.stderr);
+    assert!(err.contains("PASS cli-3"), "{err}");
+
     // Revoked: the station is refused at the handshake.
     let mut revoke = idgate(&data_path);
     revoke.args(["station", "revoke", "fx", "--reason", "compromised"]);
@@ -173,7 +257,7 @@ async fn station_commands_and_exit_status() {
     .await
     .expect("revocation applied in time")
     .expect("gateway running");
-    for station_files in [&station_dir, &renewed_dir] {
+    for station_files in [&station_dir, &renewed_dir, &third_dir] {
         let unused = fixture(root_pem.clone(), Behaviour::Normal).await;
         let refused = run(line_with(&unused, "20", station_files)).await;
         assert_eq!(refused.status.code(), Some(1));

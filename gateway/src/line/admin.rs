@@ -113,16 +113,29 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Issues a new certificate and key for the registered, active station `id`
-/// (before its current one expires; that one stays valid until then).
+/// A renewed station's new credentials and the certificates revoked with it.
+#[derive(Clone, Debug)]
+pub struct Renewed {
+    /// The new key and certificate.
+    pub credentials: StationCredentials,
+    /// Serials of the station's earlier certificates revoked in the same
+    /// transaction (empty unless asked for).
+    pub revoked: Vec<String>,
+}
+
+/// Issues a new certificate and key for the registered, active station `id`.
+/// Without `revoke_old` its earlier certificates stay valid until they expire
+/// (a renewal ahead of expiry); with it (a CRL reason: `superseded`,
+/// `keyCompromise`) they are revoked in the same transaction.
 pub async fn renew_station(
     data: &DataDir,
     registry: &Registry,
     id: &str,
     lifetime: Duration,
+    revoke_old: Option<&str>,
     actor: &str,
     now: i64,
-) -> Result<StationCredentials, AddStationError> {
+) -> Result<Renewed, AddStationError> {
     check_device_id(id).map_err(|e| AddStationError::BadId(id.to_owned(), e))?;
     let (ca, chain) = data.load_issuing_ca()?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
@@ -131,8 +144,8 @@ pub async fn renew_station(
         .issue_station(id, &key.subject_public_key_info(), lifetime, now)
         .map_err(|e| AddStationError::Issue(e.to_string()))?;
     let serial = issued.serial.to_string();
-    registry
-        .add_station_certificate(
+    let revoked = registry
+        .renew_station_certificate(
             id,
             &StationCertificate {
                 serial: serial.clone(),
@@ -142,11 +155,15 @@ pub async fn renew_station(
                 der: issued.der.clone(),
                 revoked_at: None,
             },
+            revoke_old,
             actor,
             now,
         )
         .await?;
-    credentials(data, id, &issued, &chain, &key, serial)
+    Ok(Renewed {
+        credentials: credentials(data, id, &issued, &chain, &key, serial)?,
+        revoked,
+    })
 }
 
 fn credentials(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use super::admin::{StationFiles, add_station, renew_station};
+use super::admin::{Renewed, StationFiles, add_station, renew_station};
 use super::relay::{Relay, RelayOptions};
 use super::station::{Fixtures, Station, Summary, UnitReport, run};
 use super::tokens::TokenPool;
@@ -42,9 +42,9 @@ pub enum StationCommand {
         #[arg(long, default_value_t = 90)]
         days: u64,
     },
-    /// Issue a new certificate and key for a station before its current one
-    /// expires (written to a new directory; the old certificate stays valid
-    /// until it expires).
+    /// Issue a new certificate and key for a station (written to a new
+    /// directory). The old certificates stay valid until they expire unless
+    /// --revoke-old is given.
     Renew {
         /// Station id.
         id: String,
@@ -54,6 +54,14 @@ pub enum StationCommand {
         /// Certificate lifetime in days (1 to 398).
         #[arg(long, default_value_t = 90)]
         days: u64,
+        /// Revoke the station's earlier certificates now (they go on the
+        /// CRL; connections using them are closed): after a key compromise,
+        /// or once the new files are on the station.
+        #[arg(long)]
+        revoke_old: bool,
+        /// Why, with --revoke-old: compromised or superseded.
+        #[arg(long, requires = "revoke_old", default_value = "superseded")]
+        reason: String,
     },
     /// List stations with their batches and the devices they enrolled.
     List {
@@ -171,7 +179,18 @@ async fn station_inner(
             say!("  trust        {}", files.root.display());
             Ok(())
         }
-        StationCommand::Renew { id, out, days } => {
+        StationCommand::Renew {
+            id,
+            out,
+            days,
+            revoke_old,
+            reason,
+        } => {
+            let reason = match reason.as_str() {
+                "compromised" => "keyCompromise",
+                "superseded" => "superseded",
+                other => bail!("unknown reason {other:?} (compromised, superseded)"),
+            };
             if StationFiles::in_dir(&out).key.exists() {
                 bail!(
                     "{} already holds a station key; pass another --out",
@@ -179,7 +198,11 @@ async fn station_inner(
                 );
             }
             let lifetime = Duration::from_secs(days.saturating_mul(86_400));
-            let credentials = renew_station(data, registry, &id, lifetime, actor, now()).await?;
+            let revoke_old = revoke_old.then_some(reason);
+            let Renewed {
+                credentials,
+                revoked,
+            } = renew_station(data, registry, &id, lifetime, revoke_old, actor, now()).await?;
             let files = credentials
                 .write(&out)
                 .with_context(|| format!("writing the station files into {}", out.display()))?;
@@ -194,6 +217,14 @@ async fn station_inner(
                 files.key.display()
             );
             say!("  trust        {}", files.root.display());
+            if revoke_old.is_some() {
+                say!(
+                    "Revoked {} earlier certificate(s): {}. Running gateways refuse them and close \
+                     their connections within a second.",
+                    revoked.len(),
+                    revoked.join(", ")
+                );
+            }
             Ok(())
         }
         StationCommand::List { json } => {

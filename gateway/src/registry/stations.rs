@@ -202,6 +202,23 @@ impl Registry {
         actor: &str,
         at: i64,
     ) -> Result<(), StationError> {
+        self.renew_station_certificate(id, certificate, None, actor, at)
+            .await
+            .map(drop)
+    }
+
+    /// Adds a new certificate to an active station and, with `revoke_old`
+    /// (a CRL reason), revokes every other unrevoked certificate of it in
+    /// the same transaction (they go on the CRL; gateways close their
+    /// sessions). Audited as `station.renew`. Returns the serials revoked.
+    pub async fn renew_station_certificate(
+        &self,
+        id: &str,
+        certificate: &StationCertificate,
+        revoke_old: Option<&str>,
+        actor: &str,
+        at: i64,
+    ) -> Result<Vec<String>, StationError> {
         let _turn = self.write_turn.lock().await;
         let mut tx = self.pool.begin().await?;
         let status: Option<String> = sqlx::query("SELECT status FROM stations WHERE id = $1")
@@ -227,12 +244,47 @@ impl Registry {
         .bind(certificate.der.clone())
         .execute(&mut *tx)
         .await?;
+        let mut revoked = Vec::new();
+        if let Some(reason) = revoke_old {
+            revoked = sqlx::query(
+                "SELECT serial FROM station_certificates WHERE station_id = $1 \
+                 AND revoked_at IS NULL AND serial <> $2 ORDER BY serial",
+            )
+            .bind(id)
+            .bind(&certificate.serial)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get("serial"))
+            .collect::<Result<Vec<String>, _>>()?;
+            sqlx::query(
+                "UPDATE station_certificates SET revoked_at = $1, revocation_reason = $2 \
+                 WHERE station_id = $3 AND revoked_at IS NULL AND serial <> $4",
+            )
+            .bind(at)
+            .bind(reason)
+            .bind(id)
+            .bind(&certificate.serial)
+            .execute(&mut *tx)
+            .await?;
+            if !revoked.is_empty() {
+                sqlx::query(
+                    "UPDATE registry_state SET value = value + 1 WHERE name = 'revocation'",
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let mut detail = format!("station={id} not_after={}", certificate.not_after);
+        if let Some(reason) = revoke_old {
+            detail.push_str(&format!(" revoked={} reason={reason}", revoked.join(",")));
+        }
         let audit = AuditEntry::new(at, actor, "station.renew")
             .serial(&certificate.serial)
-            .detail(format!("station={id} not_after={}", certificate.not_after));
+            .detail(detail);
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(revoked)
     }
 
     /// One station.

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idgate_gateway::line::admin::{StationCredentials, add_station};
+use idgate_gateway::line::admin::{StationCredentials, add_station, renew_station};
 use idgate_gateway::line::relay::{Relay, RelayError, RelayOptions};
 use idgate_gateway::line::station::{Fixtures, Station, UnitOutcome, UnitReport, run, run_unit};
 use idgate_gateway::line::tokens::TokenPool;
@@ -270,6 +270,39 @@ async fn a_station_enrolls_a_batch_and_fails_bad_units(db: TestDatabase) {
     // The ids the bad units were given stay pending (their tokens unused).
     let batch = h.registry().batch("line-a").await.unwrap().unwrap();
     assert_eq!(batch.enrolled, GOOD as i64);
+
+    // Renewed with the old certificate revoked (on either backend): the old
+    // serial is revoked as superseded, the new one is not, and the CRL
+    // counter moved so that gateways rebuild their CRL.
+    let epoch = h.registry().revocation_epoch().await.unwrap();
+    let renewed = renew_station(
+        &h.data,
+        h.registry(),
+        "st-1",
+        Duration::from_secs(86_400),
+        Some("superseded"),
+        "cli:test",
+        now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(renewed.revoked, vec![credentials.serial.clone()]);
+    assert!(h.registry().revocation_epoch().await.unwrap() > epoch);
+    let old = h
+        .registry()
+        .station_certificate_record(&credentials.serial)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(old.revoked_at.is_some());
+    assert_eq!(old.revocation_reason.as_deref(), Some("superseded"));
+    let new = h
+        .registry()
+        .station_certificate_record(&renewed.credentials.serial)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.revoked_at, None);
     if let Ok(station) = Arc::try_unwrap(station) {
         station.relay.close().await;
     }
