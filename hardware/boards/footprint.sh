@@ -5,7 +5,7 @@
 #     grouped by crate;
 #   - the instructions of one P-256 key generation, signature and
 #     verification, counted exactly in QEMU (one instruction per translation
-#     block and an execution trace; see src/bin/sign-bench.rs);
+#     block and an execution trace; see common/src/bench.rs);
 #   - the peak stack of a real enrollment, measured by the image itself
 #     (stack painting) during the QEMU end-to-end test. Skip it with
 #     --no-enroll (it starts a gateway and takes about a minute).

@@ -7,9 +7,12 @@
 //! - [`factory`]: the per-device factory page (seed, pinned roots);
 //! - [`ramflash`]: NOR flash semantics in RAM (QEMU has no flash controller);
 //! - [`stack`]: stack painting, to measure the peak stack on the device;
-//! - [`report`]: semihosting output and exit codes (feature `semihosting`).
+//! - [`report`]: semihosting output and exit codes (feature `semihosting`);
+//! - [`bench`]: the P-256 instruction-count image's body (`sign-bench`).
 #![cfg_attr(not(test), no_std)]
 
+#[cfg(target_arch = "arm")]
+pub mod bench;
 pub mod device;
 pub mod drbg;
 pub mod factory;
