@@ -4,10 +4,11 @@
 //!
 //! Pages: the fleet overview (`/`), device search and lists (`/devices`), a
 //! device (`/devices/{id}`) with its revoke confirmation
-//! (`/devices/{id}/revoke`), batches (`/batches`, `/batches/{id}`), the audit
+//! (`/devices/{id}/revoke`) and its owner/site/label form
+//! (`/devices/{id}/edit`), batches (`/batches`, `/batches/{id}`), the audit
 //! log (`/audit`) and the login form (`/login`; the admin API handles its
-//! `POST`). Everyone logged in may read; revoking, suspending and resuming
-//! need the operator role, which the pages check before showing a button and
+//! `POST`). Everyone logged in may read; revoking, suspending, resuming and
+//! editing need the operator role, which the pages check before showing a button and
 //! the handlers check again before acting.
 
 mod edit;
