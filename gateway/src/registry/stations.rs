@@ -221,17 +221,7 @@ impl Registry {
     ) -> Result<Vec<String>, StationError> {
         let _turn = self.write_turn.lock().await;
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> = sqlx::query("SELECT status FROM stations WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get("status"))
-            .transpose()?;
-        match status.as_deref() {
-            None => return Err(StationError::Unknown(id.to_owned())),
-            Some("revoked") => return Err(StationError::AlreadyRevoked(id.to_owned())),
-            Some(_) => {}
-        }
+        require_live_station(&mut tx, id).await?;
         sqlx::query(
             "INSERT INTO station_certificates (serial, station_id, not_before, not_after, \
              issued_at, der) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -246,27 +236,8 @@ impl Registry {
         .await?;
         let mut revoked = Vec::new();
         if let Some(reason) = revoke_old {
-            revoked = sqlx::query(
-                "SELECT serial FROM station_certificates WHERE station_id = $1 \
-                 AND revoked_at IS NULL AND serial <> $2 ORDER BY serial",
-            )
-            .bind(id)
-            .bind(&certificate.serial)
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get("serial"))
-            .collect::<Result<Vec<String>, _>>()?;
-            sqlx::query(
-                "UPDATE station_certificates SET revoked_at = $1, revocation_reason = $2 \
-                 WHERE station_id = $3 AND revoked_at IS NULL AND serial <> $4",
-            )
-            .bind(at)
-            .bind(reason)
-            .bind(id)
-            .bind(&certificate.serial)
-            .execute(&mut *tx)
-            .await?;
+            revoked =
+                revoke_certificates(&mut tx, id, Some(&certificate.serial), reason, at).await?;
             if !revoked.is_empty() {
                 sqlx::query(
                     "UPDATE registry_state SET value = value + 1 WHERE name = 'revocation'",
@@ -376,36 +347,8 @@ impl Registry {
     ) -> Result<Vec<String>, StationError> {
         let _turn = self.write_turn.lock().await;
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> = sqlx::query("SELECT status FROM stations WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get("status"))
-            .transpose()?;
-        match status.as_deref() {
-            None => return Err(StationError::Unknown(id.to_owned())),
-            Some("revoked") => return Err(StationError::AlreadyRevoked(id.to_owned())),
-            Some(_) => {}
-        }
-        let serials = sqlx::query(
-            "SELECT serial FROM station_certificates WHERE station_id = $1 AND revoked_at IS NULL \
-             ORDER BY serial",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| r.try_get("serial"))
-        .collect::<Result<Vec<String>, _>>()?;
-        sqlx::query(
-            "UPDATE station_certificates SET revoked_at = $1, revocation_reason = $2 \
-             WHERE station_id = $3 AND revoked_at IS NULL",
-        )
-        .bind(at)
-        .bind(reason)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        require_live_station(&mut tx, id).await?;
+        let serials = revoke_certificates(&mut tx, id, None, reason, at).await?;
         sqlx::query("UPDATE stations SET status = 'revoked', updated_at = $1 WHERE id = $2")
             .bind(at)
             .bind(id)
@@ -543,4 +486,70 @@ pub(super) async fn record_enrolled_by(
     .await
     .map_err(RegistryError::from)?;
     Ok(())
+}
+
+/// Fails unless station `id` exists and is not revoked.
+async fn require_live_station(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+) -> Result<(), StationError> {
+    let status: Option<String> = sqlx::query("SELECT status FROM stations WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| r.try_get("status"))
+        .transpose()?;
+    match status.as_deref() {
+        None => Err(StationError::Unknown(id.to_owned())),
+        Some("revoked") => Err(StationError::AlreadyRevoked(id.to_owned())),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Revokes every unrevoked certificate of station `id` but `keep` (the one
+/// just issued, on a renewal) with the CRL `reason`; returns their serials.
+/// The caller bumps the revocation counter.
+async fn revoke_certificates(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+    keep: Option<&str>,
+    reason: &str,
+    at: i64,
+) -> Result<Vec<String>, StationError> {
+    let except = if keep.is_some() {
+        " AND serial <> $2"
+    } else {
+        ""
+    };
+    let mut select = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT serial FROM station_certificates WHERE station_id = $1 AND revoked_at IS NULL\
+         {except} ORDER BY serial"
+    )))
+    .bind(id);
+    if let Some(keep) = keep {
+        select = select.bind(keep);
+    }
+    let serials = select
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get("serial"))
+        .collect::<Result<Vec<String>, _>>()?;
+    let except = if keep.is_some() {
+        " AND serial <> $4"
+    } else {
+        ""
+    };
+    let mut update = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE station_certificates SET revoked_at = $1, revocation_reason = $2 \
+         WHERE station_id = $3 AND revoked_at IS NULL{except}"
+    )))
+    .bind(at)
+    .bind(reason)
+    .bind(id);
+    if let Some(keep) = keep {
+        update = update.bind(keep);
+    }
+    update.execute(&mut **tx).await?;
+    Ok(serials)
 }
