@@ -345,6 +345,18 @@ pub async fn run(options: &Options, log: &(dyn Fn(&str) + Sync)) -> Result<Repor
     if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err(BenchError::Options("--rate must be positive".into()));
     }
+    let (_temp, data, gateway) = start_gateway(options).await?;
+    let result = measure(options, &gateway, &data, log).await;
+    gateway.shutdown().await;
+    result
+}
+
+/// Starts the gateway under test on loopback ports the system picks, with
+/// its data directory in `--keep` or in the returned temporary directory
+/// (removed when dropped: keep it until the gateway has shut down).
+async fn start_gateway(
+    options: &Options,
+) -> Result<(tempfile::TempDir, DataDir, Gateway), BenchError> {
     let temp = tempfile::tempdir().map_err(setup)?;
     let root = options
         .keep
@@ -356,9 +368,7 @@ pub async fn run(options: &Options, log: &(dyn Fn(&str) + Sync)) -> Result<Repor
     settings.http_listen = ([127, 0, 0, 1], 0).into();
     settings.admin.listen = ([127, 0, 0, 1], 0).into();
     let gateway = Gateway::start(settings).await?;
-    let result = measure(options, &gateway, &data, log).await;
-    gateway.shutdown().await;
-    result
+    Ok((temp, data, gateway))
 }
 
 /// Runs the `--keep-connected` benchmark; `log` gets progress lines.
@@ -389,17 +399,7 @@ pub async fn run_connected(
             options.devices
         )));
     }
-    let temp = tempfile::tempdir().map_err(setup)?;
-    let root = options
-        .keep
-        .clone()
-        .unwrap_or_else(|| temp.path().join("data"));
-    let data = DataDir::new(root);
-    let mut settings = Settings::new(data.clone());
-    settings.mqtt_listen = ([127, 0, 0, 1], 0).into();
-    settings.http_listen = ([127, 0, 0, 1], 0).into();
-    settings.admin.listen = ([127, 0, 0, 1], 0).into();
-    let gateway = Gateway::start(settings).await?;
+    let (_temp, data, gateway) = start_gateway(options).await?;
     let result = measure_connected(options, &gateway, &data, log).await;
     gateway.shutdown().await;
     result
