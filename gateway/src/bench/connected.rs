@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::{BenchError, Job, setup};
+use crate::broker::direct::remaining_length;
 
 /// Loopback source addresses the devices' connections are spread over.
 pub const SOURCE_ADDRESSES: u8 = 16;
@@ -203,20 +204,6 @@ async fn step<T>(future: impl Future<Output = T>) -> Result<T, BenchError> {
     tokio::time::timeout(STEP_TIMEOUT, future)
         .await
         .map_err(|_| BenchError::Run(format!("no answer within {} s", STEP_TIMEOUT.as_secs())))
-}
-
-fn remaining_length(mut length: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (length % 128) as u8;
-        length /= 128;
-        if length > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if length == 0 {
-            break;
-        }
-    }
 }
 
 fn string(s: &[u8], out: &mut Vec<u8>) {

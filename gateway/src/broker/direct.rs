@@ -265,7 +265,9 @@ fn publish_packet(level: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
     packet
 }
 
-fn remaining_length(mut length: usize, out: &mut Vec<u8>) {
+/// Appends `length` as an MQTT "remaining length" (7 bits a byte, low
+/// first, high bit set on all but the last).
+pub(crate) fn remaining_length(mut length: usize, out: &mut Vec<u8>) {
     loop {
         let mut byte = (length % 128) as u8;
         length /= 128;
