@@ -118,7 +118,12 @@ pub struct Topic<'a> {
 impl<'a> Topic<'a> {
     /// Parses a topic name; `None` if it is not a well-formed v1 protocol topic.
     pub fn parse(topic: &'a str) -> Option<Topic<'a>> {
-        let rest = topic.strip_prefix(TOPIC_PREFIX)?;
+        Topic::parse_levels(topic.strip_prefix(TOPIC_PREFIX)?)
+    }
+
+    /// Parses the levels after [`TOPIC_PREFIX`], `{id}/{op}/{fmt}[/{reply}]`,
+    /// wherever they stand (a line station's topics end with them too).
+    pub fn parse_levels(rest: &'a str) -> Option<Topic<'a>> {
         let mut levels = rest.split('/');
         let device_id = levels.next()?;
         check_device_id(device_id).ok()?;

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use idgate_pki::protocol::{Format, Op, Reply, check_device_id};
+use idgate_pki::protocol::{Format, Op, Reply, Topic, check_device_id};
 
 /// Every station topic starts with this.
 pub const STATION_PREFIX: &str = "idgate/v1/stations/";
@@ -31,33 +31,14 @@ impl<'a> StationTopic<'a> {
     /// Parses a station topic; `None` for anything else.
     pub fn parse(topic: &'a str) -> Option<StationTopic<'a>> {
         let rest = topic.strip_prefix(STATION_PREFIX)?;
-        let mut levels = rest.split('/');
-        let station_id = levels.next()?;
-        if levels.next()? != "devices" {
-            return None;
-        }
-        let device_id = levels.next()?;
-        let op = match levels.next()? {
-            "enroll" => Op::Enroll,
-            "renew" => Op::Renew,
-            _ => return None,
-        };
-        let format = match levels.next()? {
-            "cbor" => Format::Cbor,
-            "json" => Format::Json,
-            _ => return None,
-        };
-        let reply = match levels.next() {
-            None => None,
-            Some("accepted") => Some(Reply::Accepted),
-            Some("rejected") => Some(Reply::Rejected),
-            Some(_) => return None,
-        };
-        if levels.next().is_some() {
-            return None;
-        }
+        let (station_id, rest) = rest.split_once('/')?;
         check_device_id(station_id).ok()?;
-        check_device_id(device_id).ok()?;
+        let Topic {
+            device_id,
+            op,
+            format,
+            reply,
+        } = Topic::parse_levels(rest.strip_prefix("devices/")?)?;
         Some(StationTopic {
             station_id,
             device_id,
