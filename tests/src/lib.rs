@@ -346,6 +346,23 @@ impl RawClient {
         .await
     }
 
+    /// Queues a QoS 1 publish (its PUBACK is not waited for).
+    pub async fn send(&mut self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue publish");
+    }
+
+    /// The next message the gateway delivers: topic and payload.
+    pub async fn next_publish(&mut self) -> (String, Vec<u8>) {
+        self.wait(|p| match p {
+            Packet::Publish(publish) => Some((publish.topic.clone(), publish.payload.to_vec())),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits until the connection ends; returns how it ended.
     pub async fn closed(&mut self) -> rumqttc::ConnectionError {
         loop {

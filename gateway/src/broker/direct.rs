@@ -17,14 +17,30 @@
 //! for anyone subscribed there. Everything else — other filters, mixed
 //! SUBSCRIBE packets, MQTT 5 subscriptions with properties — goes to rumqttd
 //! as before. Only routing changes: the guard has already allowed the packet.
+//!
+//! Requests take the same short cut the other way: a PUBLISH on a topic the
+//! service subscribes to ([`super::REQUEST_FILTERS`]) is handed to the
+//! service here, and a QoS 1 one acknowledged here, instead of crossing the
+//! loopback link, rumqttd's connection task and its router thread. rumqttd
+//! still gets the requests and replies some client subscribed to *through it*
+//! (a device subscribed to `idgate/v1/devices/{id}/#` sees its own traffic
+//! as before): every filter sent to rumqttd that could match a device's or a
+//! station's topics is recorded by the prefix it names ([`DirectRoutes::
+//! broker_wants`]), and those topics keep going through rumqttd.
+//!
+//! With both short cuts, a connection that only enrolls or renews never needs
+//! rumqttd at all; the front then opens its rumqttd link only when the client
+//! sends something else (see `front`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use idgate_pki::protocol::Topic;
 use tokio::sync::mpsc;
 use tracing::debug;
+
+use super::{Message, REQUEST_FILTERS};
 
 /// Packets waiting for one connection (SUBACKs, replies); beyond this a
 /// reply to a connection that does not read is dropped, as QoS 0 allows.
@@ -38,11 +54,17 @@ struct Route {
     sender: mpsc::Sender<Vec<u8>>,
 }
 
-/// The reply filters of every connection, by filter.
+/// The reply filters of every connection, by filter, and what rumqttd has
+/// been asked to route.
 #[derive(Debug, Default)]
 pub struct DirectRoutes {
     routes: Mutex<HashMap<String, Vec<Route>>>,
     next_connection: AtomicU64,
+    /// Topic prefixes (`idgate/v1/devices/{id}/`, `idgate/v1/stations/{id}/`)
+    /// under which a connection holds (or held) a subscription in rumqttd,
+    /// with how many connections; the empty prefix stands for a filter that
+    /// spans devices.
+    broker_interest: Mutex<HashMap<String, usize>>,
 }
 
 impl DirectRoutes {
@@ -99,6 +121,101 @@ impl DirectRoutes {
     pub fn filters(&self) -> usize {
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// Whether a subscription held in rumqttd could match `topic`: then a
+    /// request on it goes through rumqttd, and a reply on it is published
+    /// there too.
+    pub fn broker_wants(&self, topic: &str) -> bool {
+        let interest = self
+            .broker_interest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if interest.is_empty() {
+            return false;
+        }
+        interest.contains_key("") || topic_prefix(topic).is_some_and(|p| interest.contains_key(p))
+    }
+
+    fn add_interest(&self, prefix: &str) {
+        let mut interest = self
+            .broker_interest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *interest.entry(prefix.to_owned()).or_default() += 1;
+    }
+
+    fn remove_interest(&self, prefix: &str) {
+        let mut interest = self
+            .broker_interest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = interest.get_mut(prefix) {
+            *count -= 1;
+            if *count == 0 {
+                interest.remove(prefix);
+            }
+        }
+    }
+}
+
+/// The device or station prefix of a topic under `idgate/v1/`
+/// (`idgate/v1/devices/{id}/`), if it has one.
+fn topic_prefix(topic: &str) -> Option<&str> {
+    const ROOT: &str = "idgate/v1/";
+    let rest = topic.strip_prefix(ROOT)?;
+    let (kind, after) = rest.split_once('/')?;
+    if !matches!(kind, "devices" | "stations") {
+        return None;
+    }
+    let (id, _) = after.split_once('/')?;
+    topic.get(..ROOT.len() + kind.len() + 1 + id.len() + 1)
+}
+
+/// What a filter sent to rumqttd may match among device and station topics:
+/// nothing (`None`), the topics under one prefix, or (the empty prefix) any.
+fn filter_interest(filter: &str) -> Option<String> {
+    let levels: Vec<&str> = filter.splitn(5, '/').collect();
+    let wildcard = |level: &str| level == "+" || level == "#";
+    for (i, expected) in ["idgate", "v1"].into_iter().enumerate() {
+        match levels.get(i) {
+            Some(&level) if level == expected => {}
+            Some(&level) if wildcard(level) => return Some(String::new()),
+            _ => return None,
+        }
+    }
+    match levels.get(2) {
+        Some(&("devices" | "stations")) => {}
+        Some(&level) if wildcard(level) => return Some(String::new()),
+        _ => return None,
+    }
+    match (levels.get(3), levels.get(4)) {
+        (Some(&id), _) if wildcard(id) => Some(String::new()),
+        // `idgate/v1/devices/{id}` alone names no request or reply topic.
+        (Some(&id), Some(_)) => Some(format!("idgate/v1/{}/{id}/", levels[2])),
+        _ => None,
+    }
+}
+
+/// Whether the service subscribes to `topic` (one of [`REQUEST_FILTERS`]).
+fn is_service_topic(topic: &str) -> bool {
+    REQUEST_FILTERS
+        .iter()
+        .any(|filter| matches_filter(filter, topic))
+}
+
+/// MQTT topic matching for filters whose wildcards are whole levels.
+fn matches_filter(filter: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        if level == "#" {
+            return true;
+        }
+        match topic_levels.next() {
+            Some(t) if level == "+" || level == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
 }
 
 /// Whether `filter` names replies only: a reply topic, or a request topic
@@ -110,38 +227,62 @@ fn is_reply_filter(filter: &str) -> bool {
     Topic::parse(filter).is_some_and(|t| t.reply.is_some())
 }
 
-/// One connection's direct subscriptions; dropping it removes them.
+/// One connection's direct routing: its reply subscriptions and what it
+/// has sent to rumqttd. Dropping it removes its routes.
 #[derive(Debug)]
-pub struct Subscriptions<'a> {
+pub struct ConnectionRoutes<'a> {
     routes: &'a DirectRoutes,
     connection: u64,
     level: u8,
     sender: mpsc::Sender<Vec<u8>>,
     filters: HashSet<String>,
+    /// Prefixes this connection added to [`DirectRoutes::broker_interest`].
+    interest: HashSet<String>,
+    /// QoS 1 PUBLISHes sent to rumqttd that it has not acknowledged yet.
+    broker_acks: Arc<AtomicUsize>,
+    /// A QoS 2 PUBLISH went to rumqttd: its flow is rumqttd's from then on.
+    qos2_to_broker: bool,
 }
 
-impl<'a> Subscriptions<'a> {
+impl<'a> ConnectionRoutes<'a> {
     /// A connection speaking MQTT protocol `level` (4: 3.1.1, 5), whose
     /// direct packets go to `sender`.
     pub fn new(
         routes: &'a DirectRoutes,
         level: u8,
         sender: mpsc::Sender<Vec<u8>>,
-    ) -> Subscriptions<'a> {
-        Subscriptions {
+    ) -> ConnectionRoutes<'a> {
+        ConnectionRoutes {
             routes,
             connection: routes.next_connection.fetch_add(1, Ordering::Relaxed),
             level,
             sender,
             filters: HashSet::new(),
+            interest: HashSet::new(),
+            broker_acks: Arc::default(),
+            qos2_to_broker: false,
         }
     }
 
+    /// The count of QoS 1 PUBLISHes waiting for rumqttd's PUBACK; the
+    /// broker → client side takes one off for every PUBACK it relays
+    /// ([`Boundaries::advance`] counts them).
+    pub fn broker_acks(&self) -> Arc<AtomicUsize> {
+        self.broker_acks.clone()
+    }
+
     /// Takes the complete packets the guard let through (`packets`): a
-    /// SUBSCRIBE or UNSUBSCRIBE of reply filters only is answered here (the
-    /// answer appended to `answers`), everything else is appended to
-    /// `to_broker` unchanged and in order.
-    pub fn route(&mut self, packets: &[u8], to_broker: &mut Vec<u8>, answers: &mut Vec<Vec<u8>>) {
+    /// SUBSCRIBE or UNSUBSCRIBE of reply filters only is answered here, a
+    /// request the service subscribes to is appended to `requests` (and a
+    /// QoS 1 one acknowledged here), the answers appended to `answers`;
+    /// everything else is appended to `to_broker` unchanged and in order.
+    pub fn route(
+        &mut self,
+        packets: &[u8],
+        to_broker: &mut Vec<u8>,
+        answers: &mut Vec<Vec<u8>>,
+        requests: &mut Vec<Message>,
+    ) {
         let mut rest = packets;
         while !rest.is_empty() {
             let Some((header, length)) = fixed_header(rest) else {
@@ -152,16 +293,95 @@ impl<'a> Subscriptions<'a> {
             let end = header + length;
             let (packet, tail) = rest.split_at(end);
             rest = tail;
+            let body = &packet[header..];
             let answer = match packet[0] {
-                0x82 => self.subscribe(&packet[header..]),
-                0xa2 => self.unsubscribe(&packet[header..]),
+                0x82 => self.subscribe(body),
+                0xa2 => self.unsubscribe(body),
+                first if first >> 4 == 3 => match self.request(first, body) {
+                    Some((request, ack)) => {
+                        requests.push(request);
+                        match ack {
+                            Some(ack) => Some(ack),
+                            None => continue,
+                        }
+                    }
+                    None => None,
+                },
                 _ => None,
             };
             match answer {
                 Some(answer) => answers.push(answer),
-                None => to_broker.extend_from_slice(packet),
+                None => {
+                    self.note_to_broker(packet[0], body);
+                    to_broker.extend_from_slice(packet);
+                }
             }
         }
+    }
+
+    /// Notes what a packet going to rumqttd commits the connection to:
+    /// an acknowledgement to wait for, or subscriptions it must route.
+    fn note_to_broker(&mut self, first: u8, body: &[u8]) {
+        match first >> 4 {
+            3 => match (first >> 1) & 3 {
+                1 => {
+                    self.broker_acks.fetch_add(1, Ordering::AcqRel);
+                }
+                2 => self.qos2_to_broker = true,
+                _ => {}
+            },
+            8 => {
+                // Filters we cannot read (the guard checked them, so this
+                // does not happen) count as matching everything.
+                let interest = match subscribe_filters(self.level, body) {
+                    Some(filters) => filters.into_iter().filter_map(filter_interest).collect(),
+                    None => vec![String::new()],
+                };
+                for prefix in interest {
+                    if self.interest.insert(prefix.clone()) {
+                        self.routes.add_interest(&prefix);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A PUBLISH the service takes directly: QoS 0 or 1, not retained, on a
+    /// request topic nobody subscribed to through rumqttd; with the PUBACK
+    /// of a QoS 1 one. A QoS 1 request waits its turn in rumqttd while
+    /// rumqttd owes the client an acknowledgement, so that PUBACKs still
+    /// come in the order of the PUBLISHes (MQTT 3.1.1 §4.6).
+    fn request(&self, first: u8, body: &[u8]) -> Option<(Message, Option<Vec<u8>>)> {
+        let qos = (first >> 1) & 3;
+        if first & 1 != 0 || qos > 1 {
+            return None;
+        }
+        if qos == 1 && (self.qos2_to_broker || self.broker_acks.load(Ordering::Acquire) > 0) {
+            return None;
+        }
+        let (topic, mut rest) = string(body)?;
+        let mut id = None;
+        if qos == 1 {
+            let (packet_id, tail) = rest.split_first_chunk::<2>()?;
+            id = Some(*packet_id);
+            rest = tail;
+        }
+        if self.level == 5 {
+            let (length, tail) = variable_integer(rest)?;
+            rest = tail.get(length..)?;
+        }
+        if !is_service_topic(topic) || self.routes.broker_wants(topic) {
+            return None;
+        }
+        let message = Message {
+            topic: topic.to_owned(),
+            payload: rest.to_vec(),
+            retain: false,
+        };
+        // PUBACK, success; MQTT 5 allows leaving out the reason code.
+        let ack = id.map(|id| vec![0x40, 0x02, id[0], id[1]]);
+        Some((message, ack))
     }
 
     /// The SUBACK for a SUBSCRIBE body of reply filters only; `None` leaves
@@ -240,12 +460,43 @@ impl<'a> Subscriptions<'a> {
     }
 }
 
-impl Drop for Subscriptions<'_> {
+impl Drop for ConnectionRoutes<'_> {
     fn drop(&mut self) {
         for filter in &self.filters {
             self.routes.remove(filter, self.connection);
         }
+        for prefix in &self.interest {
+            self.routes.remove_interest(prefix);
+        }
     }
+}
+
+/// The filters of a SUBSCRIBE body at protocol `level`.
+fn subscribe_filters(level: u8, body: &[u8]) -> Option<Vec<&str>> {
+    let (_, mut rest) = body.split_first_chunk::<2>()?;
+    if level == 5 {
+        let (length, tail) = variable_integer(rest)?;
+        rest = tail.get(length..)?;
+    }
+    let mut filters = Vec::new();
+    while !rest.is_empty() {
+        let (filter, tail) = string(rest)?;
+        rest = tail.get(1..)?;
+        filters.push(filter);
+    }
+    Some(filters)
+}
+
+/// An MQTT variable byte integer and what follows it.
+fn variable_integer(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let mut value = 0usize;
+    for (i, &byte) in bytes.iter().take(4).enumerate() {
+        value |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, &bytes[i + 1..]));
+        }
+    }
+    None
 }
 
 /// A QoS 0 PUBLISH of `payload` on `topic` for protocol `level`.
@@ -306,6 +557,42 @@ fn string(bytes: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(text).ok()?, rest))
 }
 
+/// What a connection without a rumqttd link does with packets that would go
+/// to rumqttd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    /// Only PINGREQs: answered (PINGRESPs appended to the answers).
+    Answered,
+    /// The client said DISCONNECT (after PINGREQs, answered).
+    Disconnect,
+    /// Something only rumqttd can serve.
+    NeedsBroker,
+}
+
+/// Serves `packets` (whole packets the guard let through, meant for
+/// rumqttd) without rumqttd where that is possible.
+pub fn answer_locally(packets: &[u8], answers: &mut Vec<Vec<u8>>) -> Local {
+    let mut kinds = Vec::new();
+    let mut rest = packets;
+    while !rest.is_empty() {
+        let Some((header, length)) = fixed_header(rest) else {
+            return Local::NeedsBroker;
+        };
+        match rest[0] >> 4 {
+            12 | 14 => kinds.push(rest[0] >> 4),
+            _ => return Local::NeedsBroker,
+        }
+        rest = &rest[header + length..];
+    }
+    for kind in kinds {
+        if kind == 14 {
+            return Local::Disconnect;
+        }
+        answers.push(vec![0xd0, 0x00]);
+    }
+    Local::Answered
+}
+
 /// Follows the packet boundaries of the broker → client byte stream, so that
 /// a direct packet is only ever written between two of rumqttd's packets.
 #[derive(Debug, Default)]
@@ -320,8 +607,10 @@ pub struct Boundaries {
 }
 
 impl Boundaries {
-    /// Takes the next bytes of the stream.
-    pub fn advance(&mut self, mut bytes: &[u8]) {
+    /// Takes the next bytes of the stream; returns how many PUBACKs start
+    /// in them.
+    pub fn advance(&mut self, mut bytes: &[u8]) -> usize {
+        let mut pubacks = 0;
         while !bytes.is_empty() && !self.lost {
             if self.body > 0 {
                 let n = self.body.min(bytes.len());
@@ -334,11 +623,12 @@ impl Boundaries {
             if self.header == 0 {
                 self.header = 1;
                 self.length = 0;
+                pubacks += usize::from(byte >> 4 == 4);
                 continue;
             }
             if self.header == 5 {
                 self.lost = true;
-                return;
+                return pubacks;
             }
             self.length |= usize::from(byte & 0x7f) << (7 * (self.header - 1));
             self.header += 1;
@@ -347,6 +637,7 @@ impl Boundaries {
                 self.body = self.length;
             }
         }
+        pubacks
     }
 
     /// Whether the stream is between two packets.
@@ -381,12 +672,12 @@ mod tests {
     fn reply_subscriptions_are_answered_and_replies_delivered() {
         let routes = DirectRoutes::default();
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let mut subs = Subscriptions::new(&routes, 4, tx);
+        let mut subs = ConnectionRoutes::new(&routes, 4, tx);
         let publish = [0x30, 0x03, 0x00, 0x01, b'x'];
         let mut input = subscribe(4, 7, &[&format!("{TOPIC}/+")]);
         input.extend_from_slice(&publish);
         let (mut to_broker, mut answers) = (Vec::new(), Vec::new());
-        subs.route(&input, &mut to_broker, &mut answers);
+        subs.route(&input, &mut to_broker, &mut answers, &mut Vec::new());
         assert_eq!(to_broker, publish, "only the PUBLISH goes on");
         assert_eq!(answers, vec![vec![0x90, 3, 0, 7, 1]]);
 
@@ -410,7 +701,7 @@ mod tests {
     fn other_subscriptions_go_to_the_broker() {
         let routes = DirectRoutes::default();
         let (tx, _rx) = mpsc::channel(QUEUE);
-        let mut subs = Subscriptions::new(&routes, 5, tx);
+        let mut subs = ConnectionRoutes::new(&routes, 5, tx);
         for filters in [
             vec!["idgate/v1/crl"],
             vec![
@@ -422,7 +713,7 @@ mod tests {
         ] {
             let input = subscribe(5, 1, &filters);
             let (mut to_broker, mut answers) = (Vec::new(), Vec::new());
-            subs.route(&input, &mut to_broker, &mut answers);
+            subs.route(&input, &mut to_broker, &mut answers, &mut Vec::new());
             assert_eq!(to_broker, input, "{filters:?}");
             assert!(answers.is_empty());
         }
@@ -437,6 +728,7 @@ mod tests {
             &subscribe(5, 9, &[&accepted, &rejected]),
             &mut to_broker,
             &mut answers,
+            &mut Vec::new(),
         );
         assert!(to_broker.is_empty());
         assert_eq!(answers, vec![vec![0x90, 5, 0, 9, 0, 1, 1]]);
@@ -447,12 +739,12 @@ mod tests {
         unsubscribe[1] = body.len() as u8;
         unsubscribe.extend_from_slice(&body);
         answers.clear();
-        subs.route(&unsubscribe, &mut to_broker, &mut answers);
+        subs.route(&unsubscribe, &mut to_broker, &mut answers, &mut Vec::new());
         assert_eq!(answers, vec![vec![0xb0, 4, 0, 10, 0, 0]]);
         assert_eq!(routes.filters(), 1);
         // Unsubscribing what rumqttd holds goes to rumqttd.
         answers.clear();
-        subs.route(&unsubscribe, &mut to_broker, &mut answers);
+        subs.route(&unsubscribe, &mut to_broker, &mut answers, &mut Vec::new());
         assert!(answers.is_empty());
         assert_eq!(to_broker, unsubscribe);
     }
@@ -478,11 +770,201 @@ mod tests {
         assert!(!b.at_boundary(), "an impossible length stops interleaving");
     }
 
+    /// A PUBLISH on `topic` at `qos` (packet id 5) for protocol `level`,
+    /// MQTT 5 with one property (payload format indicator).
+    fn publish(level: u8, first: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        if (first >> 1) & 3 > 0 {
+            body.extend_from_slice(&[0, 5]);
+        }
+        if level == 5 {
+            body.extend_from_slice(&[2, 0x01, 0x00]);
+        }
+        body.extend_from_slice(payload);
+        let mut packet = vec![first];
+        remaining_length(body.len(), &mut packet);
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    /// Routes `input`; returns (to rumqttd, answers, requests).
+    fn route_all(
+        routes: &mut ConnectionRoutes<'_>,
+        input: &[u8],
+    ) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Message>) {
+        let (mut to_broker, mut answers, mut requests) = (Vec::new(), Vec::new(), Vec::new());
+        routes.route(input, &mut to_broker, &mut answers, &mut requests);
+        (to_broker, answers, requests)
+    }
+
+    #[test]
+    fn requests_go_to_the_service_directly() {
+        let routes = DirectRoutes::default();
+        let (tx, _rx) = mpsc::channel(QUEUE);
+        for level in [4, 5] {
+            let mut conn = ConnectionRoutes::new(&routes, level, tx.clone());
+            // QoS 0: taken, nothing to answer.
+            let (to_broker, answers, requests) =
+                route_all(&mut conn, &publish(level, 0x30, TOPIC, b"req"));
+            assert!(to_broker.is_empty() && answers.is_empty(), "level {level}");
+            assert_eq!(
+                requests,
+                vec![Message {
+                    topic: TOPIC.into(),
+                    payload: b"req".to_vec(),
+                    retain: false
+                }]
+            );
+            // QoS 1: taken and acknowledged here.
+            let (to_broker, answers, requests) =
+                route_all(&mut conn, &publish(level, 0x32, TOPIC, b"req"));
+            assert!(to_broker.is_empty());
+            assert_eq!(answers, vec![vec![0x40, 2, 0, 5]]);
+            assert_eq!(requests[0].payload, b"req");
+            // Station requests too.
+            let station = "idgate/v1/stations/st-1/devices/d-1/enroll/cbor";
+            let (_, _, requests) = route_all(&mut conn, &publish(level, 0x30, station, b"s"));
+            assert_eq!(requests.len(), 1);
+            // Retained, QoS 2, replies, other operations and other topics
+            // stay rumqttd's.
+            for (first, topic) in [
+                (0x31, TOPIC),
+                (0x34, TOPIC),
+                (0x30, "idgate/v1/devices/d-1/enroll/cbor/accepted"),
+                (0x30, "idgate/v1/devices/d-1/telemetry"),
+                (0x30, "idgate/v1/devices/d-1/status/cbor"),
+            ] {
+                let packet = publish(level, first, topic, b"x");
+                let (to_broker, answers, requests) = route_all(&mut conn, &packet);
+                assert_eq!(to_broker, packet, "{first:#x} {topic}");
+                assert!(answers.is_empty() && requests.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_qos1_request_waits_behind_acknowledgements_rumqttd_owes() {
+        let routes = DirectRoutes::default();
+        let (tx, _rx) = mpsc::channel(QUEUE);
+        let mut conn = ConnectionRoutes::new(&routes, 4, tx);
+        let acks = conn.broker_acks();
+        let telemetry = publish(4, 0x32, "idgate/v1/devices/d-1/telemetry", b"t");
+        let request = publish(4, 0x32, TOPIC, b"req");
+        let mut input = telemetry.clone();
+        input.extend_from_slice(&request);
+        let (to_broker, answers, requests) = route_all(&mut conn, &input);
+        assert_eq!(to_broker, input, "the request follows the telemetry");
+        assert!(answers.is_empty() && requests.is_empty());
+        assert_eq!(acks.load(Ordering::Acquire), 2);
+        // A QoS 0 request needs no PUBACK, so it need not wait.
+        assert_eq!(
+            route_all(&mut conn, &publish(4, 0x30, TOPIC, b"q")).2.len(),
+            1
+        );
+        // rumqttd's two PUBACKs, as the broker → client side counts them.
+        let mut boundaries = Boundaries::default();
+        assert_eq!(boundaries.advance(&[0x40, 2, 0, 5, 0x40, 2, 0, 5]), 2);
+        acks.fetch_sub(2, Ordering::AcqRel);
+        let (to_broker, answers, _) = route_all(&mut conn, &request);
+        assert!(to_broker.is_empty());
+        assert_eq!(answers.len(), 1);
+        // After a QoS 2 PUBLISH, QoS 1 requests stay with rumqttd.
+        route_all(
+            &mut conn,
+            &publish(4, 0x34, "idgate/v1/devices/d-1/t", b"t"),
+        );
+        assert_eq!(route_all(&mut conn, &request).0, request);
+    }
+
+    #[test]
+    fn subscriptions_held_by_rumqttd_keep_their_topics_there() {
+        let routes = DirectRoutes::default();
+        let (tx, _rx) = mpsc::channel(QUEUE);
+        let reply = format!("{TOPIC}/accepted");
+        let request = publish(4, 0x30, TOPIC, b"req");
+        {
+            let mut watcher = ConnectionRoutes::new(&routes, 4, tx.clone());
+            // The CRL names no device: it changes nothing.
+            route_all(&mut watcher, &subscribe(4, 1, &["idgate/v1/crl"]));
+            assert!(!routes.broker_wants(&reply));
+            let everything = subscribe(4, 2, &["idgate/v1/devices/d-1/#"]);
+            assert_eq!(route_all(&mut watcher, &everything).0, everything);
+            assert!(routes.broker_wants(&reply));
+            assert!(routes.broker_wants(TOPIC));
+            assert!(!routes.broker_wants("idgate/v1/devices/d-2/enroll/cbor/accepted"));
+            let mut other = ConnectionRoutes::new(&routes, 4, tx.clone());
+            assert_eq!(route_all(&mut other, &request).0, request, "rumqttd's now");
+            let d2 = publish(4, 0x30, "idgate/v1/devices/d-2/enroll/cbor", b"r");
+            assert_eq!(route_all(&mut other, &d2).2.len(), 1);
+        }
+        assert!(!routes.broker_wants(&reply), "gone with the connection");
+        let mut conn = ConnectionRoutes::new(&routes, 4, tx);
+        assert_eq!(route_all(&mut conn, &request).2.len(), 1);
+    }
+
+    #[test]
+    fn filter_interest_names_the_prefix_a_filter_can_reach() {
+        for (filter, interest) in [
+            ("idgate/v1/devices/d-1/#", Some("idgate/v1/devices/d-1/")),
+            (
+                "idgate/v1/devices/d-1/+/cbor",
+                Some("idgate/v1/devices/d-1/"),
+            ),
+            (
+                "idgate/v1/stations/s/devices/d/#",
+                Some("idgate/v1/stations/s/"),
+            ),
+            ("idgate/v1/devices/+/enroll/cbor", Some("")),
+            ("idgate/v1/devices/#", Some("")),
+            ("idgate/v1/+/d-1/#", Some("")),
+            ("idgate/#", Some("")),
+            ("#", Some("")),
+            ("+/v1/devices/d-1/#", Some("")),
+            ("idgate/v1/crl", None),
+            ("idgate/v1/devices/d-1", None),
+            ("idgate/v2/devices/d-1/#", None),
+            ("other/topic", None),
+        ] {
+            assert_eq!(filter_interest(filter).as_deref(), interest, "{filter}");
+        }
+        assert_eq!(topic_prefix(TOPIC), Some("idgate/v1/devices/d-1/"));
+        assert_eq!(topic_prefix("idgate/v1/crl"), None);
+        assert_eq!(topic_prefix("idgate/v1/devices/d-1"), None);
+        assert!(matches_filter("a/+/c", "a/b/c"));
+        assert!(matches_filter("a/#", "a/b/c"));
+        assert!(!matches_filter("a/+", "a/b/c"));
+        assert!(!matches_filter("a/+/c/d", "a/b/c"));
+    }
+
+    #[test]
+    fn pings_and_disconnects_are_answered_without_rumqttd() {
+        let mut answers = Vec::new();
+        assert_eq!(
+            answer_locally(&[0xc0, 0, 0xc0, 0], &mut answers),
+            Local::Answered
+        );
+        assert_eq!(answers, vec![vec![0xd0, 0], vec![0xd0, 0]]);
+        answers.clear();
+        assert_eq!(
+            answer_locally(&[0xc0, 0, 0xe0, 0], &mut answers),
+            Local::Disconnect
+        );
+        assert_eq!(answers.len(), 1);
+        answers.clear();
+        let crl = subscribe(4, 1, &["idgate/v1/crl"]);
+        let mut input = vec![0xc0, 0];
+        input.extend_from_slice(&crl);
+        assert_eq!(answer_locally(&input, &mut answers), Local::NeedsBroker);
+        assert!(answers.is_empty(), "rumqttd answers the ping then");
+        assert_eq!(answer_locally(&[0xc0], &mut answers), Local::NeedsBroker);
+    }
+
     #[test]
     fn malformed_input_never_panics() {
         let routes = DirectRoutes::default();
         let (tx, _rx) = mpsc::channel(QUEUE);
-        let mut subs = Subscriptions::new(&routes, 4, tx);
+        let mut subs = ConnectionRoutes::new(&routes, 4, tx);
         for input in [
             &[0x82][..],
             &[0x82, 0x05, 0, 1, 0, 9, b'a'],
@@ -491,7 +973,7 @@ mod tests {
             &[0x82, 0xff, 0xff, 0xff, 0xff],
         ] {
             let (mut to_broker, mut answers) = (Vec::new(), Vec::new());
-            subs.route(input, &mut to_broker, &mut answers);
+            subs.route(input, &mut to_broker, &mut answers, &mut Vec::new());
             assert!(answers.is_empty());
             assert_eq!(to_broker, input);
         }

@@ -35,6 +35,8 @@ pub struct Upstream {
     pub v5: SocketAddr,
     /// Reply subscriptions held by the front instead of rumqttd.
     pub direct: Arc<DirectRoutes>,
+    /// The service's request queue, for requests the front takes directly.
+    pub requests: mpsc::Sender<Message>,
 }
 
 /// The embedded broker could not start.
@@ -79,10 +81,12 @@ fn server(name: &str, listen: SocketAddr) -> ServerSettings {
 /// Starts rumqttd and attaches the service link. Returns where rumqttd listens
 /// and the service's [`Bus`].
 pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
+    let (request_tx, requests) = mpsc::channel(QUEUE);
     let upstream = Upstream {
         v4: free_loopback_port()?,
         v5: free_loopback_port()?,
         direct: Arc::default(),
+        requests: request_tx.clone(),
     };
     let config = Config {
         id: 0,
@@ -121,7 +125,6 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
             .map_err(|e| EmbeddedError::Broker(e.to_string()))?;
     }
 
-    let (request_tx, requests) = mpsc::channel(QUEUE);
     let (replies, mut reply_rx) = mpsc::channel::<Message>(QUEUE);
     tokio::spawn(async move {
         loop {
@@ -154,15 +157,32 @@ pub async fn start() -> Result<(Upstream, Bus), EmbeddedError> {
             }
         }
     });
-    let runtime = tokio::runtime::Handle::current();
+    // Replies go straight to the connections that subscribed to them through
+    // the front; only those rumqttd has subscribers for (and the retained
+    // CRL) cross to the publishing thread.
+    let (to_broker, mut broker_rx) = mpsc::channel::<Message>(QUEUE);
     let direct = upstream.direct.clone();
+    tokio::spawn(async move {
+        while let Some(reply) = reply_rx.recv().await {
+            let delivered = if reply.retain {
+                0
+            } else {
+                direct.deliver(&reply.topic, &reply.payload)
+            };
+            if reply.retain || direct.broker_wants(&reply.topic) {
+                if to_broker.send(reply).await.is_err() {
+                    break;
+                }
+            } else if delivered == 0 {
+                debug!(topic = %reply.topic, "nobody waits for this reply");
+            }
+        }
+    });
+    let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("idgate-replies".into())
         .spawn(move || {
-            while let Some(reply) = reply_rx.blocking_recv() {
-                if !reply.retain {
-                    direct.deliver(&reply.topic, &reply.payload);
-                }
+            while let Some(reply) = broker_rx.blocking_recv() {
                 let sent = if reply.retain {
                     // `publish` never retains; a retained message goes as a packet.
                     let publish = Publish::new(reply.topic.into_bytes(), reply.payload, true);

@@ -152,9 +152,15 @@ pub struct Sessions {
     live: Mutex<HashMap<u64, Live>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    broker_links: AtomicUsize,
     /// Devices that connected or disconnected since [`Sessions::take_seen`],
     /// and when (see [`super::presence`]).
     seen: Mutex<HashMap<String, i64>>,
+    /// The connection holding each MQTT client id. A new connection with the
+    /// same id closes the old one (MQTT 3.1.1 and 5, §3.1.4): rumqttd does
+    /// that for the connections it sees, but a connection that never needed
+    /// rumqttd is known only here.
+    clients: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
 }
 
 impl Sessions {
@@ -182,6 +188,11 @@ impl Sessions {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// Connections that hold a loopback link to rumqttd.
+    pub fn broker_links(&self) -> usize {
+        self.broker_links.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn register(&self, device_id: &str, serial: &str) -> (u64, watch::Receiver<bool>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(false);
@@ -203,6 +214,29 @@ impl Sessions {
         if let Some(gone) = live.remove(&id) {
             drop(live);
             self.mark_seen(&gone.device_id);
+        }
+    }
+
+    /// Takes `client_id` for a new connection, closing the connection that
+    /// held it; returns the claim and its "taken over" signal.
+    fn claim_client_id(&self, client_id: &str) -> (u64, watch::Receiver<bool>) {
+        let claim = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (taken, taken_over) = watch::channel(false);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, previous)) = clients.insert(client_id.to_owned(), (claim, taken)) {
+            previous.send_replace(true);
+        }
+        (claim, taken_over)
+    }
+
+    /// Gives `client_id` up, unless a newer connection has taken it.
+    fn release_client_id(&self, client_id: &str, claim: u64) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients
+            .get(client_id)
+            .is_some_and(|(held, _)| *held == claim)
+        {
+            clients.remove(client_id);
         }
     }
 
@@ -398,6 +432,8 @@ async fn connection(
         }
     };
 
+    let terms = guard::session_terms(&connect_bytes).map_err(|e| format!("CONNECT: {e}"))?;
+    let (claim, mut taken_over) = front.sessions.claim_client_id(&terms.client_id);
     let registration = identity
         .as_ref()
         .map(|(_, label, serial)| (front.sessions.register(label, serial), serial.clone()));
@@ -414,66 +450,121 @@ async fn connection(
             }
             None => unrevocable,
         };
-        let target = match connect.level {
-            5 => front.upstream.v5,
-            _ => front.upstream.v4,
-        };
-        let broker = connect_upstream(target)
-            .await
-            .map_err(|e| format!("broker unreachable: {e}"))?;
-        let _ = broker.set_nodelay(true);
-        let (mut broker_read, mut broker_write) = broker.into_split();
-        broker_write
-            .write_all(&connect_bytes)
-            .await
-            .map_err(|e| format!("broker write: {e}"))?;
+        // A clean MQTT 3.1.1 session without a will leaves rumqttd nothing
+        // to keep: its link is opened when the client first sends something
+        // only rumqttd serves, and a device that only enrolls or renews
+        // never costs one (two sockets, rumqttd's buffers and tasks). MQTT 5
+        // clients get rumqttd's own CONNACK, whose properties describe it.
+        let lazy = connect.level == 4 && !terms.stateful;
+        let (reader_tx, reader_rx) = tokio::sync::oneshot::channel();
+        let mut reader_tx = Some(reader_tx);
+        let mut broker_write = None;
+        if lazy {
+            tls.write_all(&[0x20, 0x02, 0x00, 0x00])
+                .await
+                .map_err(|e| format!("client write: {e}"))?;
+        } else {
+            let (read, write) = open_upstream(front, connect.level, &connect_bytes).await?;
+            if let Some(reader_tx) = reader_tx.take() {
+                let _ = reader_tx.send(read);
+            }
+            broker_write = Some(write);
+        }
         let (mut client_read, mut client_write) = tokio::io::split(tls);
         let mut guard = Guard::new(guard_identity, connect.level);
         let mut refused = None;
-        // Reply subscriptions are held here, not in rumqttd (see `direct`);
-        // their SUBACKs and the replies come through `direct_rx`.
+        // Reply subscriptions are held here, not in rumqttd, and requests go
+        // to the service directly (see `direct`); the SUBACKs, PUBACKs and
+        // replies come through `direct_rx`.
         let (direct_tx, mut direct_rx) = tokio::sync::mpsc::channel(direct::QUEUE);
-        let mut subscriptions =
-            direct::Subscriptions::new(&front.upstream.direct, connect.level, direct_tx.clone());
+        let mut routes =
+            direct::ConnectionRoutes::new(&front.upstream.direct, connect.level, direct_tx.clone());
+        let broker_acks = routes.broker_acks();
+        // Without rumqttd, the front enforces the keep-alive (1.5 times the
+        // interval, as a broker does).
+        let idle_limit = (terms.keep_alive > 0)
+            .then(|| Duration::from_millis(u64::from(terms.keep_alive) * 1500));
         let inbound = async {
             let mut buffer = vec![0u8; RELAY_BUFFER];
             let mut forward = Vec::new();
             let mut to_broker = Vec::new();
             let mut answers = Vec::new();
+            let mut requests = Vec::new();
             loop {
-                let n = client_read
-                    .read(&mut buffer)
-                    .await
-                    .map_err(|e| format!("client read: {e}"))?;
+                let read = client_read.read(&mut buffer);
+                let n = match idle_limit.filter(|_| broker_write.is_none()) {
+                    Some(limit) => tokio::time::timeout(limit, read)
+                        .await
+                        .map_err(|_| "keep-alive expired".to_owned())?,
+                    None => read.await,
+                }
+                .map_err(|e| format!("client read: {e}"))?;
                 if n == 0 {
                     return Ok::<_, String>(());
                 }
                 forward.clear();
                 let fed = guard.feed(&buffer[..n], &mut forward);
                 to_broker.clear();
-                subscriptions.route(&forward, &mut to_broker, &mut answers);
+                routes.route(&forward, &mut to_broker, &mut answers, &mut requests);
+                let mut disconnect = false;
+                if broker_write.is_none() && !to_broker.is_empty() && fed.is_ok() {
+                    match direct::answer_locally(&to_broker, &mut answers) {
+                        direct::Local::NeedsBroker => {
+                            let (read, write) =
+                                open_upstream_lazily(front, &connect_bytes).await?;
+                            if let Some(reader_tx) = reader_tx.take() {
+                                let _ = reader_tx.send(read);
+                            }
+                            broker_write = Some(write);
+                        }
+                        direct::Local::Answered => to_broker.clear(),
+                        direct::Local::Disconnect => {
+                            to_broker.clear();
+                            disconnect = true;
+                        }
+                    }
+                }
                 for answer in answers.drain(..) {
                     direct_tx
                         .send(answer)
                         .await
                         .map_err(|_| "connection closing".to_owned())?;
                 }
+                for request in requests.drain(..) {
+                    front
+                        .upstream
+                        .requests
+                        .send(request)
+                        .await
+                        .map_err(|_| "the service has stopped".to_owned())?;
+                }
+                let writer = broker_write.as_mut();
                 if let Err(refusal) = fed {
                     // Forward what was allowed before the violation, then stop.
-                    let _ = broker_write.write_all(&to_broker).await;
+                    if let Some(writer) = writer {
+                        let _ = writer.write.write_all(&to_broker).await;
+                    }
                     let reason = format!("guard: {refusal}");
                     refused = Some(refusal);
                     return Err(reason);
                 }
-                broker_write
-                    .write_all(&to_broker)
-                    .await
-                    .map_err(|e| format!("broker write: {e}"))?;
+                if let Some(writer) = writer {
+                    writer
+                        .write
+                        .write_all(&to_broker)
+                        .await
+                        .map_err(|e| format!("broker write: {e}"))?;
+                }
+                if disconnect {
+                    return Ok(());
+                }
             }
         };
         let outbound = async {
             let mut buffer = vec![0u8; RELAY_BUFFER];
             let mut boundaries = direct::Boundaries::default();
+            let mut broker_read: Option<tokio::net::tcp::OwnedReadHalf> = None;
+            let mut reader_rx = Some(reader_rx);
             loop {
                 let n = tokio::select! {
                     biased;
@@ -485,17 +576,28 @@ async fn connection(
                             .map_err(|e| format!("client write: {e}"))?;
                         continue;
                     }
-                    n = broker_read.read(&mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
+                    Some(read) = next_link(&mut reader_rx) => {
+                        broker_read = Some(read);
+                        continue;
+                    }
+                    n = read_broker(broker_read.as_mut(), &mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
                 };
                 if n == 0 {
                     return Ok::<_, String>(());
                 }
-                boundaries.advance(&buffer[..n]);
+                let pubacks = boundaries.advance(&buffer[..n]);
+                if pubacks > 0 {
+                    let _ = broker_acks.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                        Some(v.saturating_sub(pubacks))
+                    });
+                }
                 // rumqttd's sockets use Nagle's algorithm: it holds a reply
                 // back until its previous small segment (the PUBACK of the
                 // request, say) is acknowledged, and a delayed ACK from us
                 // would make every reply wait ~40 ms. Acknowledge at once.
-                let _ = socket2::SockRef::from(broker_read.as_ref()).set_tcp_quickack(true);
+                if let Some(read) = &broker_read {
+                    let _ = socket2::SockRef::from(read.as_ref()).set_tcp_quickack(true);
+                }
                 client_write
                     .write_all(&buffer[..n])
                     .await
@@ -506,6 +608,9 @@ async fn connection(
             result = inbound => result,
             result = outbound => result,
             _ = closed.wait_for(|close| *close) => Err("certificate revoked".to_owned()),
+            _ = taken_over.wait_for(|taken| *taken) => {
+                Err("a new connection took over the client id".to_owned())
+            }
             _ = shutdown.wait_for(|stop| *stop) => Ok(()),
         };
         // The relay futures are gone; the client's write half is ours again.
@@ -519,10 +624,93 @@ async fn connection(
         outcome
     }
     .await;
+    front.sessions.release_client_id(&terms.client_id, claim);
     if let Some(((id, _), _)) = registration {
         front.sessions.unregister(id);
     }
     result
+}
+
+/// The rumqttd link once the connection has one; after that (or if it never
+/// comes), never.
+async fn next_link<T>(slot: &mut Option<tokio::sync::oneshot::Receiver<T>>) -> Option<T> {
+    let Some(receiver) = slot.as_mut() else {
+        return std::future::pending().await;
+    };
+    let link = receiver.await.ok();
+    *slot = None;
+    link
+}
+
+/// Reads from rumqttd once the link is open; until then, never.
+async fn read_broker(
+    broker: Option<&mut tokio::net::tcp::OwnedReadHalf>,
+    buffer: &mut [u8],
+) -> std::io::Result<usize> {
+    match broker {
+        Some(broker) => broker.read(buffer).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The two halves of a link to rumqttd; the write half is counted in
+/// [`Sessions::broker_links`] for as long as it lives.
+type BrokerLink<'a> = (tokio::net::tcp::OwnedReadHalf, LinkWriter<'a>);
+
+/// The client → rumqttd half of a link.
+struct LinkWriter<'a> {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    _counted: Counted<'a>,
+}
+
+/// Opens the link to rumqttd's listener for protocol `level` and sends the
+/// admitted CONNECT; rumqttd's CONNACK is the first thing the link reads.
+async fn open_upstream<'a>(
+    front: &'a Front,
+    level: u8,
+    connect: &[u8],
+) -> Result<BrokerLink<'a>, String> {
+    let target = match level {
+        5 => front.upstream.v5,
+        _ => front.upstream.v4,
+    };
+    let broker = connect_upstream(target)
+        .await
+        .map_err(|e| format!("broker unreachable: {e}"))?;
+    let _ = broker.set_nodelay(true);
+    let (read, mut write) = broker.into_split();
+    write
+        .write_all(connect)
+        .await
+        .map_err(|e| format!("broker write: {e}"))?;
+    front.sessions.broker_links.fetch_add(1, Ordering::Relaxed);
+    let write = LinkWriter {
+        write,
+        _counted: Counted(&front.sessions.broker_links),
+    };
+    Ok((read, write))
+}
+
+/// Opens the rumqttd link of an MQTT 3.1.1 connection the front has already
+/// accepted: rumqttd's CONNACK is read here, not relayed (the client had
+/// ours), and a refusal closes the connection.
+async fn open_upstream_lazily<'a>(
+    front: &'a Front,
+    connect: &[u8],
+) -> Result<BrokerLink<'a>, String> {
+    let (mut read, write) = open_upstream(front, 4, connect).await?;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(
+        front.limits.handshake_timeout,
+        read.read_exact(&mut connack),
+    )
+    .await
+    .map_err(|_| "broker did not answer CONNECT".to_owned())?
+    .map_err(|e| format!("broker read: {e}"))?;
+    match connack {
+        [0x20, 0x02, _, 0x00] => Ok((read, write)),
+        other => Err(format!("broker refused the session: CONNACK {other:02x?}")),
+    }
 }
 
 /// Loopback source addresses the front's connections to rumqttd are spread

@@ -154,6 +154,28 @@ pub fn admit_connect(identity: &Identity, connect: &[u8]) -> Result<Vec<u8>, Ref
     }
 }
 
+/// What an admitted CONNECT asks of the broker's session handling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionTerms {
+    /// The client id the broker sees (after [`admit_connect`]).
+    pub client_id: String,
+    /// Whether the broker has state to keep or act on for this client beyond
+    /// the connection: a persistent session (Clean Session 0) or a will.
+    pub stateful: bool,
+    /// The keep-alive interval in seconds (0: none).
+    pub keep_alive: u16,
+}
+
+/// The [`SessionTerms`] of a CONNECT that [`admit_connect`] returned.
+pub fn session_terms(admitted: &[u8]) -> Result<SessionTerms, Refusal> {
+    let parsed = parse_connect(admitted)?;
+    Ok(SessionTerms {
+        client_id: parsed.client_id.to_owned(),
+        stateful: !parsed.clean_start || parsed.will_topic.is_some(),
+        keep_alive: parsed.keep_alive,
+    })
+}
+
 /// Sets the Clean Session (3.1.1) / Clean Start (5) flag of a CONNECT: an
 /// anonymous client only makes requests and waits for their replies, and a
 /// broker should keep no session state for clients nobody vouches for.
@@ -427,6 +449,7 @@ impl Guard {
 #[derive(Debug)]
 struct Connect<'a> {
     clean_start: bool,
+    keep_alive: u16,
     client_id: &'a str,
     /// Where the client id, length prefix included, lies in the packet.
     client_id_span: (usize, usize),
@@ -465,7 +488,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     {
         return Err(Refusal::Malformed);
     }
-    r.u16()?; // keep alive
+    let keep_alive = r.u16()?;
     if v5 {
         properties(&mut r)?;
     }
@@ -491,6 +514,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     r.end()?;
     Ok(Connect {
         clean_start: flags & 0x02 != 0,
+        keep_alive,
         client_id,
         client_id_span,
         will_topic,
@@ -1090,6 +1114,34 @@ mod tests {
         let device = Identity::Device("dev-1".to_owned());
         let admitted = admit_connect(&device, &connect.encode()).unwrap();
         assert!(!parse_connect(&admitted).unwrap().clean_start);
+    }
+
+    #[test]
+    fn session_terms_tell_stateful_sessions_apart() {
+        let device = Identity::Device("dev-1".to_owned());
+        for level in [4, 5] {
+            // An anonymous client's id is the one the broker sees.
+            let admitted =
+                admit_connect(&Identity::Anonymous, &C::new(level, "x").encode()).unwrap();
+            let terms = session_terms(&admitted).unwrap();
+            assert_eq!(terms.client_id, "_anon.x");
+            assert!(!terms.stateful);
+            assert_eq!(terms.keep_alive, 60);
+
+            let mut connect = C::new(level, "dev-1");
+            assert!(!session_terms(&connect.encode()).unwrap().stateful);
+            connect.clean = false;
+            assert!(session_terms(&connect.encode()).unwrap().stateful);
+            connect.clean = true;
+            connect.will = Some(build::Will {
+                properties: Vec::new(),
+                topic: "idgate/v1/devices/dev-1/status".to_owned(),
+                payload: b"gone".to_vec(),
+            });
+            let admitted = admit_connect(&device, &connect.encode()).unwrap();
+            assert!(session_terms(&admitted).unwrap().stateful, "a will");
+        }
+        assert_eq!(session_terms(&[0x10, 0]), Err(Refusal::Malformed));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use idgate_gateway::testing::TestDatabase;
+use idgate_pki::protocol::{Format, Reply};
 use idgate_sim::{EnrollOptions, enroll};
 use idgate_tests::{Harness, RawClient};
 use rumqttc::{ConnectReturnCode, ConnectionError};
@@ -212,5 +213,120 @@ async fn mqtt5_violations_get_a_disconnect_before_the_close() {
     assert!(reply.len() >= 3, "{reply:?}");
     assert_eq!(reply[0], 0xe0, "DISCONNECT, not SUBACK: {reply:?}");
     assert_eq!(reply[2], 0x87, "reason: not authorized");
+    h.gateway.shutdown().await;
+}
+
+/// Requests, replies, PINGREQ and DISCONNECT are the front's business; the
+/// loopback link to rumqttd is opened when a client first asks for something
+/// only rumqttd serves, and a subscription held in rumqttd keeps its topics
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttd_is_linked_only_when_a_client_needs_it() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let sessions = h.gateway.sessions().clone();
+
+    // An enrolling device: request, reply and a QoS 1 PUBACK, no rumqttd.
+    let mut device = h.client("lazy-1").await;
+    let (reply, _) = device
+        .enroll("lazy-1", Format::Cbor, b"not cbor".to_vec())
+        .await;
+    assert_eq!(reply, Reply::Rejected, "the service answered");
+    device
+        .publish_and_ping("idgate/v1/devices/lazy-1/enroll/cbor", b"x".to_vec())
+        .await
+        .unwrap();
+    let (topic, _) = device.next_publish().await;
+    assert_eq!(topic, "idgate/v1/devices/lazy-1/enroll/cbor/rejected");
+    assert_eq!(sessions.connections(), 1);
+    assert_eq!(sessions.broker_links(), 0, "no rumqttd link yet");
+
+    // The retained CRL is rumqttd's: the link opens, and the client sees
+    // rumqttd's answer, not a second CONNACK.
+    let crl = device.first_message("idgate/v1/crl").await;
+    assert!(!crl.is_empty());
+    assert_eq!(sessions.broker_links(), 1);
+    // Requests still work with the link open.
+    let (reply, _) = device
+        .enroll("lazy-1", Format::Cbor, b"not cbor".to_vec())
+        .await;
+    assert_eq!(reply, Reply::Rejected);
+
+    // A device watching all of its topics through rumqttd sees its own
+    // requests and replies there, as before.
+    let a = h.identity_for("dev-a");
+    let mut own = h.client_as("dev-a", &a).await.unwrap();
+    own.subscribe("idgate/v1/devices/dev-a/#").await.unwrap();
+    assert_eq!(sessions.broker_links(), 2);
+    own.send("idgate/v1/devices/dev-a/renew/cbor", b"y".to_vec())
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (topic, _) = own.next_publish().await;
+        seen.push(topic);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "idgate/v1/devices/dev-a/renew/cbor",
+            "idgate/v1/devices/dev-a/renew/cbor/rejected"
+        ]
+    );
+
+    // The same client id again: the older connection is closed, whether or
+    // not rumqttd ever saw it.
+    let mut first = h.client("twin").await;
+    let _second = h.client("twin").await;
+    first.closed().await;
+    drop(device);
+    drop(own);
+    h.gateway.shutdown().await;
+}
+
+/// Without rumqttd, the front answers PINGREQ and enforces the keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_keeps_the_keep_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let tls = idgate_tests::tls_trusting(&h.root_ca());
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut connect = mqtt_string("MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 1]); // 3.1.1, clean session, keep-alive 1 s
+    connect.extend_from_slice(&mqtt_string("pinger"));
+    let connect = packet(0x10, &connect);
+    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
+        .await
+        .unwrap();
+    let mut stream = connector.connect(name.clone(), tcp).await.unwrap();
+    stream.write_all(&connect).await.unwrap();
+    let mut answer = [0u8; 4];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer, [0x20, 2, 0, 0], "CONNACK, accepted, no session");
+    for _ in 0..3 {
+        stream.write_all(&[0xc0, 0]).await.unwrap();
+        let mut pong = [0u8; 2];
+        stream.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0xd0, 0], "PINGRESP");
+    }
+    assert_eq!(h.gateway.sessions().broker_links(), 0);
+    // Then silence: closed after 1.5 s, not left open.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after 20 s of silence");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+
+    // DISCONNECT ends the connection at once.
+    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
+        .await
+        .unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    stream.write_all(&connect).await.unwrap();
+    stream.read_exact(&mut answer).await.unwrap();
+    stream.write_all(&[0xe0, 0]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok_and(|r| r.is_ok()));
     h.gateway.shutdown().await;
 }
