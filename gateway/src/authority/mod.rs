@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::provisioner::token::Tokens;
 use crate::registry::{
-    AuditEntry, CertificateRecord, Device, DeviceStatus, Issuance, IssuanceError, Registry,
+    AuditEntry, CertificateRecord, DeviceStatus, Issuance, IssuanceError, Registry,
 };
 
 /// A refusal: the stable code for the device and a message for people. The
@@ -205,35 +205,6 @@ impl Authority {
         }
     }
 
-    /// What every request starts with: the device must exist, and a repeated
-    /// rid gets its first answer before anything else is looked at.
-    pub(crate) async fn open(
-        &self,
-        op: &str,
-        device_id: &str,
-        rid: &str,
-        csr: &[u8],
-    ) -> Result<Opening, Rejection> {
-        let device = self
-            .registry
-            .device(device_id)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                Rejection::new(RejectCode::UnknownDevice, "no such device is registered")
-            })?;
-        let csr_sha256 = Sha256::digest(csr).to_vec();
-        match self
-            .registry
-            .prior_request(device_id, op, rid)
-            .await
-            .map_err(|e| internal(&e))?
-        {
-            Some(prior) => self.repeat(prior, &csr_sha256).map(Opening::Repeated),
-            None => Ok(Opening::Fresh { device, csr_sha256 }),
-        }
-    }
-
     async fn try_enroll(
         &self,
         station: Option<&str>,
@@ -242,24 +213,24 @@ impl Authority {
         now: i64,
     ) -> Result<Answer, Rejection> {
         let registry = &self.registry;
-        let (device, csr_sha256) = match self
-            .open(ENROLL, device_id, &request.rid, &request.csr)
-            .await?
-        {
-            Opening::Repeated(answer) => return Ok(answer),
-            Opening::Fresh { device, csr_sha256 } => (device, csr_sha256),
-        };
-
-        let credential = registry
-            .credential(device_id)
+        // Everything the checks below need, in one read: the device, its
+        // credential and the answer already given to this rid.
+        let context = registry
+            .enrollment_context(device_id, ENROLL, &request.rid)
             .await
             .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                Rejection::new(
-                    RejectCode::DeviceNotPending,
-                    "the device has no enrollment credential",
-                )
-            })?;
+            .ok_or_else(unknown_device)?;
+        let csr_sha256 = Sha256::digest(&request.csr).to_vec();
+        if let Some(prior) = context.prior {
+            return self.repeat(prior, &csr_sha256);
+        }
+        let device = context.device;
+        let credential = context.credential.ok_or_else(|| {
+            Rejection::new(
+                RejectCode::DeviceNotPending,
+                "the device has no enrollment credential",
+            )
+        })?;
         if credential.used_at.is_some() {
             return Err(Rejection::new(
                 RejectCode::TokenUsed,
@@ -284,17 +255,15 @@ impl Authority {
         }
 
         let csr = check_csr(&request.csr).map_err(|e| Rejection::new(e.code(), e.to_string()))?;
-        let mut issuance = self
-            .sign(
-                ENROLL,
-                device_id,
-                &request.rid,
-                &csr,
-                &csr_sha256,
-                None,
-                now,
-            )
-            .await?;
+        let mut issuance = self.sign(
+            ENROLL,
+            device_id,
+            &request.rid,
+            &csr,
+            &csr_sha256,
+            None,
+            now,
+        )?;
         issuance.station = station.map(str::to_owned);
         let record = issuance.certificate.clone();
         let via = station.map(|s| format!(" station={s}")).unwrap_or_default();
@@ -332,10 +301,16 @@ impl Authority {
         }
     }
 
-    /// The shared last steps before recording: the key must not belong to
-    /// another device; then sign under the profile and describe the record.
+    /// The shared last step before recording: sign under the profile and
+    /// describe the record.
+    ///
+    /// Whether the key is bound to another device is not read beforehand:
+    /// the recording transaction checks it (`IssuanceError::KeyReused`,
+    /// answered `key_reused`), and a certificate signed and then refused
+    /// there is never stored nor sent, so signing it first costs a signature
+    /// on a rare refusal and saves a registry read on every request.
     #[allow(clippy::too_many_arguments)] // the request's parts, each needed once
-    pub(crate) async fn sign(
+    pub(crate) fn sign(
         &self,
         op: &'static str,
         device_id: &str,
@@ -345,14 +320,6 @@ impl Authority {
         renewed_from: Option<String>,
         now: i64,
     ) -> Result<Issuance, Rejection> {
-        let owner = self
-            .registry
-            .key_owner(&csr.key_fingerprint)
-            .await
-            .map_err(|e| internal(&e))?;
-        if owner.is_some_and(|owner| owner != device_id) {
-            return Err(key_reused());
-        }
         let issued = self
             .ca
             .issue(device_id, csr, &self.policy.profile, now)
@@ -426,20 +393,6 @@ pub fn renewal_window(certificate: &CertificateRecord) -> (i64, i64) {
     )
 }
 
-/// A request's opening: a fresh request for a known device, or the answer
-/// already given to this rid.
-pub(crate) enum Opening {
-    /// Not seen before.
-    Fresh {
-        /// The device.
-        device: Device,
-        /// SHA-256 of the request's CSR.
-        csr_sha256: Vec<u8>,
-    },
-    /// A repeated rid, answered as the first time.
-    Repeated(Answer),
-}
-
 /// Who a request is audited as: the device itself, or the line station that
 /// relayed it.
 fn actor(station: Option<&str>, device_id: &str) -> String {
@@ -453,6 +406,10 @@ fn actor(station: Option<&str>, device_id: &str) -> String {
 pub(crate) fn internal(e: &dyn std::fmt::Display) -> Rejection {
     error!(error = %e, "gateway failure while serving a request");
     Rejection::internal()
+}
+
+pub(crate) fn unknown_device() -> Rejection {
+    Rejection::new(RejectCode::UnknownDevice, "no such device is registered")
 }
 
 pub(crate) fn key_reused() -> Rejection {

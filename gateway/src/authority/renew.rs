@@ -10,11 +10,12 @@
 use idgate_pki::check::check_csr;
 use idgate_pki::protocol::{MAX_RENEW_MESSAGE, RejectCode, renew_message};
 use idgate_pki::wire::RenewRequestBuf;
+use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 use x509_parser::oid_registry::{OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{Answer, Authority, Opening, Rejection, internal, key_reused};
+use super::{Answer, Authority, Rejection, internal, key_reused, unknown_device};
 use crate::registry::{AuditEntry, CertificateRecord, Device, DeviceStatus, IssuanceError};
 
 const RENEW: &str = "renew";
@@ -64,28 +65,29 @@ impl Authority {
         now: i64,
     ) -> Result<Answer, Rejection> {
         let registry = &self.registry;
-        let (device, csr_sha256) = match self
-            .open(RENEW, device_id, &request.rid, &request.csr)
-            .await?
-        {
-            Opening::Repeated(answer) => return Ok(answer),
-            Opening::Fresh { device, csr_sha256 } => (device, csr_sha256),
-        };
+        // Everything the checks below need, in one read: the device, the
+        // answer already given to this rid, the certificate being renewed
+        // and the keys of its successors.
+        let context = registry
+            .renewal_context(device_id, RENEW, &request.rid, &request.serial)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(unknown_device)?;
+        let csr_sha256 = Sha256::digest(&request.csr).to_vec();
+        if let Some(prior) = context.prior {
+            return self.repeat(prior, &csr_sha256);
+        }
+        let device = context.device;
         if let Some(refusal) = status_refusal(device.status) {
             return Err(refusal);
         }
 
-        let current = registry
-            .certificate(&request.serial)
-            .await
-            .map_err(|e| internal(&e))?
-            .filter(|c| c.device_id == device_id)
-            .ok_or_else(|| {
-                Rejection::new(
-                    RejectCode::UnknownCertificate,
-                    "no certificate with this serial was issued to this device",
-                )
-            })?;
+        let current = context.current.ok_or_else(|| {
+            Rejection::new(
+                RejectCode::UnknownCertificate,
+                "no certificate with this serial was issued to this device",
+            )
+        })?;
         if current.revoked_at.is_some() {
             return Err(Rejection::new(
                 RejectCode::CertificateRevoked,
@@ -130,14 +132,11 @@ impl Authority {
                 "a renewal must bring a new key, not the current one",
             ));
         }
-        let successors = registry
-            .successors(&current.serial)
-            .await
-            .map_err(|e| internal(&e))?;
-        if successors
-            .iter()
-            .any(|s| s.key_fingerprint.as_slice() != csr.key_fingerprint.as_slice())
-        {
+        // The successors come from the context read, not from the recording
+        // transaction: another renewal of this certificate recorded in
+        // between is noticed there only through the counter (ours is
+        // refused unless it is greater).
+        if context.successor_keys.any_other_than(&csr.key_fingerprint) {
             let rejection = Rejection::new(
                 RejectCode::CloneSuspected,
                 "this certificate was already renewed for a different key (cloned device?); the device is now suspect",
@@ -145,17 +144,15 @@ impl Authority {
             self.suspect(&device, &rejection, now).await;
             return Err(rejection);
         }
-        let issuance = self
-            .sign(
-                RENEW,
-                device_id,
-                &request.rid,
-                &csr,
-                &csr_sha256,
-                Some(current.serial.clone()),
-                now,
-            )
-            .await?;
+        let issuance = self.sign(
+            RENEW,
+            device_id,
+            &request.rid,
+            &csr,
+            &csr_sha256,
+            Some(current.serial.clone()),
+            now,
+        )?;
         let record = issuance.certificate.clone();
         let audit = AuditEntry::new(now, format!("device:{device_id}"), RENEW)
             .device(device_id)

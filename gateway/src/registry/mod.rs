@@ -39,12 +39,14 @@ macro_rules! on_both_backends {
 
 mod accounts;
 mod batches;
+mod context;
 mod devices;
 pub use accounts::{
     Account, AccountError, ApiToken, NewApiToken, NewSession, Role, SessionRecord,
     check_account_name,
 };
 pub use batches::{BatchError, BatchSummary, NewBatch};
+pub use context::{EnrollmentContext, RenewalContext, SuccessorKeys};
 pub use devices::{DeviceEdit, DeviceListFilter, DeviceListPage};
 pub mod console;
 mod stations;

@@ -10,8 +10,10 @@ on_both_backends!(
     group_commit_refuses_records_alone,
     duplicate_devices_are_refused,
     enrollment_is_recorded_once,
+    enrollment_context_reads_device_credential_and_rid,
     keys_bind_to_one_device,
     reopening_keeps_data_and_schema,
+    renewal_context_reads_certificate_successors_and_rid,
     renewal_counter_must_grow,
     revoke_suspend_resume_track_certificates,
     status_changes_are_checked,
@@ -180,6 +182,173 @@ async fn enrollment_is_recorded_once(db: TestDatabase) {
     let certificates = registry.certificates("d1").await.unwrap();
     assert_eq!(certificates[0].der, vec![0x30, 0x00]);
     assert_eq!(registry.audit_trail("d1").await.unwrap().len(), 2);
+}
+
+async fn enrollment_context_reads_device_credential_and_rid(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    assert!(
+        registry
+            .enrollment_context("d1", "enroll", "r1")
+            .await
+            .unwrap()
+            .is_none(),
+        "no such device"
+    );
+    registry
+        .add_device(&new_device("d1", "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    let fresh = registry
+        .enrollment_context("d1", "enroll", "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fresh.device, registry.device("d1").await.unwrap().unwrap());
+    let credential = fresh.credential.unwrap();
+    assert_eq!(
+        (credential.kind.as_str(), credential.secret.as_slice()),
+        ("token", b"sealed".as_slice())
+    );
+    assert_eq!(credential.used_at, None);
+    assert!(fresh.prior.is_none());
+
+    registry
+        .record_enrollment(&issuance("d1", "4001", 1, "r1"), &audit("d1"))
+        .await
+        .unwrap();
+    let repeated = registry
+        .enrollment_context("d1", "enroll", "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(repeated.device.status, DeviceStatus::Active);
+    assert_eq!(repeated.credential.unwrap().used_at, Some(150));
+    let prior = repeated.prior.unwrap();
+    assert_eq!(prior.csr_sha256, vec![1; 32]);
+    assert_eq!(
+        prior.certificate,
+        registry.certificate("4001").await.unwrap().unwrap()
+    );
+    // Another rid, or the same rid for another operation: not answered.
+    for (op, rid) in [("enroll", "r2"), ("renew", "r1")] {
+        let context = registry
+            .enrollment_context("d1", op, rid)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(context.prior.is_none(), "{op} {rid}");
+    }
+
+    // A device without a credential row still has a context.
+    registry
+        .add_device(&new_device("d2", "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM enrollment_credentials WHERE device_id = 'd2'")
+        .execute(&registry.pool)
+        .await
+        .unwrap();
+    let bare = registry
+        .enrollment_context("d2", "enroll", "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bare.device.id, "d2");
+    assert!(bare.credential.is_none());
+}
+
+async fn renewal_context_reads_certificate_successors_and_rid(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    assert!(
+        registry
+            .renewal_context("d1", "renew", "r1", "4001")
+            .await
+            .unwrap()
+            .is_none(),
+        "no such device"
+    );
+    enrolled(&registry, "d1", "4001", 1).await;
+    enrolled(&registry, "d2", "5001", 9).await;
+    let context = |rid: &'static str, serial: &'static str| {
+        let registry = &registry;
+        async move {
+            registry
+                .renewal_context("d1", "renew", rid, serial)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+
+    let fresh = context("r1", "4001").await;
+    assert_eq!(fresh.device, registry.device("d1").await.unwrap().unwrap());
+    assert!(fresh.prior.is_none());
+    assert_eq!(
+        fresh.current,
+        Some(registry.certificate("4001").await.unwrap().unwrap())
+    );
+    assert_eq!(fresh.successor_keys, SuccessorKeys::None);
+    // Another device's certificate, or one never issued: none.
+    for serial in ["5001", "ffff"] {
+        let other = context("r1", serial).await;
+        assert_eq!(other.current, None, "{serial}");
+        assert_eq!(other.successor_keys, SuccessorKeys::None, "{serial}");
+    }
+
+    let renew_audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
+    registry
+        .record_renewal(
+            &renewal("d1", "4002", "4001", 2, "r1", 1_000),
+            1,
+            &renew_audit(),
+        )
+        .await
+        .unwrap();
+    let repeated = context("r1", "4001").await;
+    assert_eq!(repeated.device.renew_counter, 1);
+    let prior = repeated.prior.unwrap();
+    assert_eq!(prior.csr_sha256, vec![2; 32]);
+    assert_eq!(prior.certificate.serial, "4002");
+    assert_eq!(prior.certificate.renewed_from.as_deref(), Some("4001"));
+    assert_eq!(repeated.successor_keys, SuccessorKeys::One(vec![2; 32]));
+    assert!(!repeated.successor_keys.any_other_than(&[2; 32]));
+    assert!(repeated.successor_keys.any_other_than(&[3; 32]));
+    // The enrollment's rid is not a renewal's.
+    assert!(context("e", "4002").await.prior.is_none());
+
+    // Renewed again for the same key (a retry under a new rid), then for
+    // another key.
+    registry
+        .record_renewal(
+            &renewal("d1", "4003", "4001", 2, "r2", 1_000),
+            2,
+            &renew_audit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        context("r9", "4001").await.successor_keys,
+        SuccessorKeys::One(vec![2; 32])
+    );
+    registry
+        .record_renewal(
+            &renewal("d1", "4004", "4001", 3, "r3", 1_000),
+            3,
+            &renew_audit(),
+        )
+        .await
+        .unwrap();
+    let several = context("r9", "4001").await.successor_keys;
+    assert_eq!(several, SuccessorKeys::Several);
+    assert!(several.any_other_than(&[2; 32]));
+    assert_eq!(
+        context("r9", "4004").await.successor_keys,
+        SuccessorKeys::None
+    );
 }
 
 async fn keys_bind_to_one_device(db: TestDatabase) {

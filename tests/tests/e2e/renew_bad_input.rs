@@ -51,6 +51,18 @@ fn new_csr() -> Vec<u8> {
         .to_vec()
 }
 
+/// A CSR for the key `key`.
+fn csr_of(key: &SigningKey) -> Vec<u8> {
+    let pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(key, Default::default()).unwrap();
+    let key = KeyPair::from_pem(&pem).unwrap();
+    CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
 /// A renewal request signed by `signer` (normally the device's current key).
 fn request(
     device: &str,
@@ -120,19 +132,16 @@ async fn bad_renewals_are_refused(db: TestDatabase) {
         Err("unknown_certificate".into())
     );
     // The current key again, not a new one.
-    let same = {
-        let pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&a.key, Default::default()).unwrap();
-        let key = KeyPair::from_pem(&pem).unwrap();
-        CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec()
-    };
-    let r = request(&a.id, "w4", &same, &a.serial, 1, &a.key);
+    let r = request(&a.id, "w4", &csr_of(&a.key), &a.serial, 1, &a.key);
     assert_eq!(
         send(&mut c, &a.id, Format::Cbor, &r).await,
+        Err("key_reused".into())
+    );
+    // Another device's key: refused by the recording transaction (the key
+    // is bound to meter-b), and the counter it carried is not spent.
+    let r = request(&a.id, "w4b", &csr_of(&b.key), &a.serial, 1, &a.key);
+    assert_eq!(
+        send(&mut c, &a.id, Format::Json, &r).await,
         Err("key_reused".into())
     );
     // A broken CSR and garbage.
