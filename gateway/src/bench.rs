@@ -1,7 +1,8 @@
 //! `idgate bench`: enrollment and renewal throughput of a whole gateway —
 //! embedded broker, TLS front, service, authority and a durable SQLite
-//! registry — driven over real MQTT/TLS from this process, next to the
-//! crypto ceiling of the same machine measured in the same run.
+//! registry — driven over real MQTT/TLS from this process (the
+//! `--keep-connected` devices from child processes, see `fleet`), next to
+//! the crypto ceiling of the same machine measured in the same run.
 //!
 //! Everything the simulated devices need (keys, CSRs, proofs, renewal
 //! signatures, encoded payloads) is made before the timed phase, and the MQTT
@@ -29,6 +30,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use tokio::sync::mpsc;
 
 mod connected;
+mod fleet;
+
+pub use fleet::serve as serve_devices;
 
 use crate::datadir::DataDir;
 use crate::gateway::{Gateway, Settings, StartError};
@@ -62,7 +66,15 @@ pub struct Options {
     /// open after the device's enrollment; `concurrency` devices connect at
     /// once. Enrollment only.
     pub keep_connected: bool,
+    /// With `keep_connected`: most devices one load-generator process
+    /// drives (each holds one open file per device; see
+    /// [`DEVICES_PER_PROCESS`]).
+    pub devices_per_process: usize,
 }
+
+/// Default of [`Options::devices_per_process`]: under the usual hard limit
+/// of open files (20,000 here) with room to spare.
+pub const DEVICES_PER_PROCESS: usize = 15_000;
 
 /// The benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -372,13 +384,17 @@ async fn start_gateway(
 }
 
 /// Runs the `--keep-connected` benchmark; `log` gets progress lines.
+///
+/// The simulated devices run in child processes of the program that calls
+/// this, re-executed as `idgate bench devices`: call it from the `idgate`
+/// binary.
 pub async fn run_connected(
     options: &Options,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<ConnectedReport, BenchError> {
-    if options.devices == 0 || options.concurrency == 0 {
+    if options.devices == 0 || options.concurrency == 0 || options.devices_per_process == 0 {
         return Err(BenchError::Options(
-            "--devices and --concurrency must be at least 1".into(),
+            "--devices, --concurrency and --devices-per-process must be at least 1".into(),
         ));
     }
     if options.op != Op::Enroll || options.rate.is_some() {
@@ -386,24 +402,48 @@ pub async fn run_connected(
             "--keep-connected measures enrollments in a closed loop: no --rate, no renew".into(),
         ));
     }
-    // Each connected device holds four descriptors in this process: the
-    // device's socket, the front's accepted socket, and both ends of the
-    // front's loopback connection to rumqttd.
-    let needed = 4 * (options.devices + PROBES) + 256;
-    if let Some(limit) = open_files_limit()
-        && needed > limit
+    let limit = open_files_limit();
+    // A load-generator process holds one descriptor per device (its
+    // socket), and inherits this process's limit.
+    let per_process = match limit {
+        Some(limit) => options
+            .devices_per_process
+            .min(limit.saturating_sub(PROCESS_RESERVE)),
+        None => options.devices_per_process,
+    };
+    if per_process == 0 {
+        return Err(BenchError::Options(format!(
+            "an open-file limit of {} leaves no room for device connections \
+             in a load-generator process (raise it with `ulimit -n`)",
+            limit.unwrap_or_default()
+        )));
+    }
+    // The gateway's process holds at least its accepted socket per device
+    // (more while the front links a connection to rumqttd): refuse only
+    // what cannot fit even then; the run measures the real figure, warns
+    // when the fleet will not fit and stops if the process runs out.
+    let least = options.devices + 2 * PROBES + PROCESS_RESERVE;
+    if let Some(limit) = limit
+        && least > limit
     {
         return Err(BenchError::Options(format!(
-            "{} connected devices need about {needed} open files in this process \
-             (4 per device); the limit is {limit} (raise it with `ulimit -n`)",
+            "{} connected devices need at least {least} open files in the gateway's \
+             process (one per device, more with the front's link to rumqttd); \
+             the limit is {limit} (raise it with `ulimit -n`)",
             options.devices
         )));
     }
+    let program = std::env::current_exe()
+        .map_err(|e| setup(format!("cannot find this program to run its devices: {e}")))?;
     let (_temp, data, gateway) = start_gateway(options).await?;
-    let result = measure_connected(options, &gateway, &data, log).await;
+    let result = measure_connected(options, &gateway, &data, &program, per_process, log).await;
     gateway.shutdown().await;
     result
 }
+
+/// Descriptors a process needs besides its connections (runtime, pipes,
+/// SQLite, listeners).
+const PROCESS_RESERVE: usize = 256;
 
 async fn measure(
     options: &Options,
@@ -853,27 +893,38 @@ pub struct ConnectedReport {
     pub accepted: usize,
     /// Devices connecting at once during the ramp.
     pub concurrency: usize,
+    /// Load-generator processes the devices ran in.
+    pub processes: usize,
     /// Wall time of the ramp.
     pub elapsed: Duration,
     /// Connection (TCP, TLS, CONNECT, SUBSCRIBE) latency p50, p99 in the ramp.
     pub connect: [Duration; 2],
     /// Enrollment (request → reply) latency p50, p99 in the ramp.
     pub enroll: [Duration; 2],
-    /// Process CPU seconds in the ramp.
+    /// CPU seconds in the ramp, gateway and load generator.
     pub cpu_seconds: f64,
+    /// Of which the gateway's process.
+    pub gateway_cpu_seconds: f64,
     /// Connections the gateway's front held after the ramp.
     pub held: usize,
-    /// Open files of the process after the ramp.
-    pub open_files: usize,
-    /// Resident memory before the ramp and with every device connected, KiB.
+    /// Open files of the gateway's process before and after the ramp.
+    pub gateway_open_files: [usize; 2],
+    /// Resident memory before the ramp and with every device connected,
+    /// gateway and load generator, KiB.
     pub rss_kib: [u64; 2],
-    /// Process CPU seconds per second while the fleet sat idle.
+    /// Of which the gateway's process.
+    pub gateway_rss_kib: [u64; 2],
+    /// CPU seconds per second while the fleet sat idle, gateway and load
+    /// generator.
     pub idle_cpu: f64,
+    /// Of which the gateway's process.
+    pub gateway_idle_cpu: f64,
     /// Enrollment latency p50, p99 of [`PROBES`] devices enrolling one at a
     /// time with the fleet connected (connection excluded).
     pub probe: [Duration; 2],
-    /// Peak resident memory of the process, KiB.
-    pub peak_rss_kib: u64,
+    /// Peak resident memory of the gateway's process and the sum of the
+    /// load-generator processes' peaks, KiB.
+    pub peak_rss_kib: [u64; 2],
     /// Cost of each public-key operation on this machine, this run.
     pub costs: CryptoCosts,
 }
@@ -884,23 +935,55 @@ impl ConnectedReport {
         self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// Resident memory per connected device, KiB.
+    fn per_device(&self, total: f64) -> f64 {
+        total / self.devices.max(1) as f64
+    }
+
+    /// Resident memory per connected device, both ends, KiB.
     pub fn kib_per_device(&self) -> f64 {
-        self.rss_kib[1].saturating_sub(self.rss_kib[0]) as f64 / self.devices.max(1) as f64
+        self.per_device(self.rss_kib[1].saturating_sub(self.rss_kib[0]) as f64)
+    }
+
+    /// Resident memory of the gateway's process per connected device, KiB.
+    pub fn gateway_kib_per_device(&self) -> f64 {
+        self.per_device(self.gateway_rss_kib[1].saturating_sub(self.gateway_rss_kib[0]) as f64)
+    }
+
+    /// Resident memory of the load generator per connected device, KiB.
+    pub fn client_kib_per_device(&self) -> f64 {
+        self.kib_per_device() - self.gateway_kib_per_device()
+    }
+
+    /// Open files the gateway's process holds per connected device.
+    pub fn gateway_files_per_device(&self) -> f64 {
+        self.per_device(
+            self.gateway_open_files[1].saturating_sub(self.gateway_open_files[0]) as f64,
+        )
+    }
+
+    /// CPU milliseconds per accepted device in the ramp, both sides and
+    /// the gateway's process alone.
+    pub fn cpu_ms_per_device(&self) -> [f64; 2] {
+        let accepted = self.accepted.max(1) as f64;
+        [
+            self.cpu_seconds * 1000.0 / accepted,
+            self.gateway_cpu_seconds * 1000.0 / accepted,
+        ]
     }
 
     /// The table header matching [`ConnectedReport::row`].
-    pub const HEADER: &'static str = "| N connected | held | devices/s | CPU/device | connect p50/p99 | enroll p50/p99 | probe p50/p99 | RSS | RSS/device | idle CPU |\n|---|---|---|---|---|---|---|---|---|---|";
+    pub const HEADER: &'static str = "| N connected | held | devices/s | CPU/device | connect p50/p99 | enroll p50/p99 | probe p50/p99 | RSS | RSS/device | idle CPU | gateway CPU/device | gateway RSS/device | client RSS/device | gateway fds/device |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
     /// One Markdown table row.
     pub fn row(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let [cpu, gateway_cpu] = self.cpu_ms_per_device();
         format!(
-            "| {} | {} | {:.0} | {:.2} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} MiB | {:.1} KiB | {:.1} % |",
+            "| {} | {} | {:.0} | {:.2} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} MiB | {:.1} KiB | {:.1} % | {:.2} ms | {:.1} KiB | {:.1} KiB | {:.2} |",
             self.devices,
             self.held,
             self.rate(),
-            self.cpu_seconds * 1000.0 / self.accepted.max(1) as f64,
+            cpu,
             ms(self.connect[0]),
             ms(self.connect[1]),
             ms(self.enroll[0]),
@@ -910,6 +993,10 @@ impl ConnectedReport {
             self.rss_kib[1] as f64 / 1024.0,
             self.kib_per_device(),
             self.idle_cpu * 100.0,
+            gateway_cpu,
+            self.gateway_kib_per_device(),
+            self.client_kib_per_device(),
+            self.gateway_files_per_device(),
         )
     }
 }
@@ -917,9 +1004,15 @@ impl ConnectedReport {
 impl fmt::Display for ConnectedReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let [cpu, gateway_cpu] = self.cpu_ms_per_device();
+        let processes = match self.processes {
+            1 => "1 load-generator process".to_owned(),
+            n => format!("{n} load-generator processes"),
+        };
         writeln!(
             f,
-            "idgate bench enroll --keep-connected: {} devices, one MQTT/TLS connection each, {} connecting at once",
+            "idgate bench enroll --keep-connected: {} devices, one MQTT/TLS connection each, {} connecting at once, {processes}",
             self.devices, self.concurrency
         )?;
         writeln!(
@@ -935,8 +1028,16 @@ impl fmt::Display for ConnectedReport {
         )?;
         writeln!(
             f,
-            "  CPU per device        {:.2} ms (TLS handshake, CONNECT, SUBSCRIBE, enrollment; both sides)",
-            self.cpu_seconds * 1000.0 / self.accepted.max(1) as f64
+            "  CPU per device        {cpu:.2} ms (TLS handshake, CONNECT, SUBSCRIBE, enrollment; both sides)"
+        )?;
+        writeln!(
+            f,
+            "    gateway             {gateway_cpu:.2} ms (the gateway's process alone)"
+        )?;
+        writeln!(
+            f,
+            "    load generator      {:.2} ms ({processes})",
+            cpu - gateway_cpu
         )?;
         writeln!(
             f,
@@ -952,21 +1053,41 @@ impl fmt::Display for ConnectedReport {
         )?;
         writeln!(
             f,
-            "  held                  {} connections at the front, {} open files",
-            self.held, self.open_files
+            "  held                  {} connections at the front, {} open files in the gateway's process ({} before the ramp: {:.2} per device)",
+            self.held,
+            self.gateway_open_files[1],
+            self.gateway_open_files[0],
+            self.gateway_files_per_device()
         )?;
         writeln!(
             f,
             "  memory                {:.1} MiB before, {:.1} MiB connected ({:.1} KiB per device, both ends), peak {:.1} MiB",
-            self.rss_kib[0] as f64 / 1024.0,
-            self.rss_kib[1] as f64 / 1024.0,
+            mib(self.rss_kib[0]),
+            mib(self.rss_kib[1]),
             self.kib_per_device(),
-            self.peak_rss_kib as f64 / 1024.0
+            mib(self.peak_rss_kib[0] + self.peak_rss_kib[1])
         )?;
         writeln!(
             f,
-            "  idle CPU              {:.1} % of one core with the fleet connected",
-            self.idle_cpu * 100.0
+            "    gateway             {:.1} MiB before, {:.1} MiB connected ({:.1} KiB per device), peak {:.1} MiB",
+            mib(self.gateway_rss_kib[0]),
+            mib(self.gateway_rss_kib[1]),
+            self.gateway_kib_per_device(),
+            mib(self.peak_rss_kib[0])
+        )?;
+        writeln!(
+            f,
+            "    load generator      {:.1} MiB before, {:.1} MiB connected ({:.1} KiB per device), peak {:.1} MiB (keys and requests prepared before the ramp)",
+            mib(self.rss_kib[0].saturating_sub(self.gateway_rss_kib[0])),
+            mib(self.rss_kib[1].saturating_sub(self.gateway_rss_kib[1])),
+            self.client_kib_per_device(),
+            mib(self.peak_rss_kib[1])
+        )?;
+        writeln!(
+            f,
+            "  idle CPU              {:.1} % of one core with the fleet connected (gateway {:.1} %)",
+            self.idle_cpu * 100.0,
+            self.gateway_idle_cpu * 100.0
         )?;
         writeln!(
             f,
@@ -991,72 +1112,274 @@ fn percentiles(mut values: Vec<Duration>, ps: &[f64]) -> Vec<Duration> {
         .collect()
 }
 
+/// Watches the gateway's process's open files during a `--keep-connected`
+/// run: warns once, with the measured descriptors per connected device,
+/// when the fleet will not fit under the limit, and turns running out
+/// into an error that says so — rather than a device's timeout (the front
+/// retries its accepts while the devices wait for their handshakes) or a
+/// device's closed connection (a link to rumqttd that could not be opened).
+pub(crate) struct FileWatch {
+    limit: Option<usize>,
+    /// Open files before the ramp.
+    baseline: usize,
+    /// Devices the run will connect to this process, probes included.
+    devices: usize,
+    sessions: Arc<crate::broker::front::Sessions>,
+    /// Open files per connected device, once measured.
+    measured: Option<f64>,
+    /// The most connections seen held.
+    most_held: usize,
+    ticker: tokio::time::Interval,
+}
+
+impl FileWatch {
+    fn new(sessions: Arc<crate::broker::front::Sessions>, devices: usize) -> FileWatch {
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        FileWatch {
+            limit: open_files_limit(),
+            baseline: open_files(),
+            devices,
+            sessions,
+            measured: None,
+            most_held: 0,
+            ticker,
+        }
+    }
+
+    fn held(&mut self) -> usize {
+        self.most_held = self.most_held.max(self.sessions.connections());
+        self.most_held
+    }
+
+    /// Devices that fit under `limit` at `per_device` open files each.
+    fn fit(&self, limit: usize, per_device: f64) -> f64 {
+        limit.saturating_sub(self.baseline) as f64 / per_device.max(1e-9)
+    }
+
+    /// Why the process is out of open files, if it is: it cannot open one
+    /// (cheap enough to try ten times a second, unlike counting them), or,
+    /// when `count`, it holds within a few of the limit.
+    fn exhausted(&mut self, count: bool) -> Option<String> {
+        let limit = self.limit?;
+        let open = match std::fs::File::open("/dev/null") {
+            Err(e) => format!("cannot open one more ({e})"),
+            Ok(_) if !count => return None,
+            Ok(file) => {
+                let open = open_files();
+                drop(file);
+                if open + 32 < limit {
+                    return None;
+                }
+                format!("{open} open")
+            }
+        };
+        let held = self.held();
+        let per_device = self
+            .measured
+            .unwrap_or(limit.saturating_sub(self.baseline) as f64 / held.max(1) as f64);
+        Some(format!(
+            "the gateway's process ran out of open files: {open}, limit {limit}, with {held} \
+             devices connected ({per_device:.2} per device): about {:.0} devices fit under \
+             this limit (raise it with `ulimit -n`)",
+            self.fit(limit, per_device)
+        ))
+    }
+
+    /// A warning, once, when the devices measured so far project past the
+    /// limit.
+    fn projection(&mut self) -> Option<String> {
+        let limit = self.limit?;
+        let held = self.held();
+        if self.measured.is_some() || held < (self.devices / 10).max(64) {
+            return None;
+        }
+        let per_device = open_files().saturating_sub(self.baseline) as f64 / held as f64;
+        self.measured = Some(per_device);
+        let needed = self.baseline as f64 + per_device * self.devices as f64;
+        (needed > limit as f64).then(|| {
+            format!(
+                "warning: the gateway's process holds {per_device:.2} open files per connected \
+                 device (measured at {held} devices): {} devices need about {needed:.0}, the \
+                 limit is {limit}; it will run out near {:.0} devices",
+                self.devices,
+                self.fit(limit, per_device)
+            )
+        })
+    }
+
+    /// Returns only when the process is out of open files; logs the
+    /// projection's warning on the way.
+    pub(crate) async fn until_exhausted(&mut self, log: &(dyn Fn(&str) + Sync)) -> BenchError {
+        loop {
+            self.ticker.tick().await;
+            if let Some(reason) = self.exhausted(false) {
+                return BenchError::Run(reason);
+            }
+            if let Some(warning) = self.projection() {
+                log(&warning);
+            }
+        }
+    }
+
+    /// `error`, explained if the process is, or was, at its limit of open
+    /// files: a device's failure is then only the consequence.
+    pub(crate) fn explain(&mut self, error: BenchError) -> BenchError {
+        let held = self.held();
+        if let Some(reason) = self.exhausted(true) {
+            return BenchError::Run(format!("{reason}; what failed then: {error}"));
+        }
+        let (Some(limit), Some(per_device)) = (self.limit, self.measured) else {
+            return error;
+        };
+        // The devices that failed may have closed their connections since:
+        // compare the most held with what the measured figure lets fit.
+        let fit = self.fit(limit, per_device);
+        if (held as f64) < fit - (limit / 50).max(64) as f64 / per_device {
+            return error;
+        }
+        BenchError::Run(format!(
+            "the gateway's process reached its limit of open files ({limit}) with {held} \
+             devices connected ({per_device:.2} per device, measured): about {fit:.0} fit \
+             under this limit (raise it with `ulimit -n`); what failed then: {error}"
+        ))
+    }
+}
+
 async fn measure_connected(
     options: &Options,
     gateway: &Gateway,
     data: &DataDir,
+    program: &std::path::Path,
+    per_process: usize,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<ConnectedReport, BenchError> {
     let n = options.devices;
     log(&format!("registering {} devices", n + PROBES));
-    let devices = register(gateway, data, n + PROBES).await?;
-    log("preparing keys, CSRs and proofs");
-    let (devices, mut jobs) = tokio::task::spawn_blocking(move || prepare_enroll(devices))
+    let mut devices = register(gateway, data, n + PROBES).await?;
+    let probes = devices.split_off(n);
+    let credentials: Vec<fleet::Credential> = devices
+        .into_iter()
+        .map(|d| fleet::Credential {
+            id: d.id,
+            token: d.token,
+        })
+        .collect();
+    let slices = fleet::split(n, per_process, options.concurrency);
+    log(&format!(
+        "starting {} load-generator process(es) of at most {per_process} devices; \
+         preparing keys, CSRs and proofs",
+        slices.len()
+    ));
+    let (probes, probe_jobs) = tokio::task::spawn_blocking(move || prepare_enroll(probes))
         .await
         .map_err(setup)??;
-    let probe_jobs = jobs.split_off(n);
-    let ids: Vec<String> = devices.into_iter().map(|d| d.id).collect();
-    let root_pem = std::fs::read(data.root_certificate()).map_err(setup)?;
+    let probe_ids: Vec<String> = probes.into_iter().map(|d| d.id).collect();
+    let root_certificate = data.root_certificate();
+    let root_pem = std::fs::read(&root_certificate).map_err(setup)?;
     let dialer = connected::Dialer {
         gateway: gateway.mqtt_address(),
         tls: client_tls(&root_pem)?,
     };
-    let rss_before = rss_kib();
+    let mut children = fleet::Children::spawn(
+        program,
+        gateway.mqtt_address(),
+        &root_certificate,
+        &credentials,
+        &slices,
+    )
+    .await?;
+    drop(credentials);
+    let mut watch = FileWatch::new(gateway.sessions().clone(), n + PROBES);
+    let ready = children.ready(&mut watch, log).await?;
+
     log(&format!(
         "connecting and enrolling {n} devices, {} at once (timed)",
         options.concurrency
     ));
-    let cpu_before = cpu_seconds();
+    let before = fleet::Usage::now();
+    watch.baseline = before.open_files;
     let started = Instant::now();
-    let mut fleet = connected::enroll_all(&dialer, &ids, jobs, options.concurrency).await?;
+    let ramps = children.ramp(&mut watch, log).await?;
     let elapsed = started.elapsed();
-    let cpu = cpu_seconds() - cpu_before;
+    let after = fleet::Usage::now();
     let held = gateway.sessions().connections();
-    let open_files = open_files();
-    let rss_connected = rss_kib();
 
     log("fleet connected: idle CPU over 2 s");
-    let idle_before = cpu_seconds();
+    let idle_started = Instant::now();
+    let idle_before = children.usage(&mut watch, log).await?;
+    let gateway_idle_before = cpu_seconds();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_cpu = (cpu_seconds() - idle_before) / 2.0;
+    let gateway_idle = (cpu_seconds() - gateway_idle_before) / 2.0;
+    let idle_after = children.usage(&mut watch, log).await?;
+    let children_idle = idle_after
+        .iter()
+        .zip(&idle_before)
+        .map(|(a, b)| a.cpu_seconds - b.cpu_seconds)
+        .sum::<f64>()
+        / idle_started.elapsed().as_secs_f64();
 
     log(&format!("{PROBES} probe enrollments, one at a time"));
-    let probes = connected::enroll_all(&dialer, &ids, probe_jobs, 1).await?;
+    let probes = tokio::select! {
+        probes = connected::enroll_all(&dialer, &probe_ids, probe_jobs, 1) => {
+            probes.map_err(|e| watch.explain(e))?
+        }
+        error = watch.until_exhausted(log) => return Err(error),
+    };
     let probe = percentiles(probes.iter().map(|e| e.enroll).collect(), &[0.5, 0.99]);
-    let accepted = fleet.iter().filter(|e| e.accepted).count();
-    let connect = percentiles(fleet.iter().map(|e| e.connect).collect(), &[0.5, 0.99]);
-    let enroll = percentiles(fleet.iter().map(|e| e.enroll).collect(), &[0.5, 0.99]);
-    let peak = peak_rss_kib();
-    fleet.clear();
+    let gateway_peak = peak_rss_kib();
     drop(probes);
+    children.close().await?;
+
+    let micros = |us: &u64| Duration::from_micros(*us);
+    let connect = percentiles(
+        ramps
+            .iter()
+            .flat_map(|r| r.connect_us.iter().map(micros))
+            .collect(),
+        &[0.5, 0.99],
+    );
+    let enroll = percentiles(
+        ramps
+            .iter()
+            .flat_map(|r| r.enroll_us.iter().map(micros))
+            .collect(),
+        &[0.5, 0.99],
+    );
+    let children_cpu: f64 = ramps.iter().map(|r| r.cpu_seconds).sum();
+    let gateway_cpu = after.cpu_seconds - before.cpu_seconds;
+    let sum = |usages: &mut dyn Iterator<Item = &fleet::Usage>, field: fn(&fleet::Usage) -> u64| {
+        usages.map(field).sum::<u64>()
+    };
+    let children_before = sum(&mut ready.iter(), |u| u.rss_kib);
+    let children_connected = sum(&mut ramps.iter().map(|r| &r.usage), |u| u.rss_kib);
+    let children_peak = sum(&mut idle_after.iter(), |u| u.peak_rss_kib);
+
     log("measuring the cost of the crypto operations (about 1 s)");
     let costs = tokio::task::spawn_blocking(crypto_costs)
         .await
         .map_err(setup)??;
     Ok(ConnectedReport {
         devices: n,
-        accepted,
+        accepted: ramps.iter().map(|r| r.accepted).sum(),
         concurrency: options.concurrency,
+        processes: slices.len(),
         elapsed,
         connect: [connect[0], connect[1]],
         enroll: [enroll[0], enroll[1]],
-        cpu_seconds: cpu,
+        cpu_seconds: gateway_cpu + children_cpu,
+        gateway_cpu_seconds: gateway_cpu,
         held,
-        open_files,
-        rss_kib: [rss_before, rss_connected],
-        idle_cpu,
+        gateway_open_files: [before.open_files, after.open_files],
+        rss_kib: [
+            before.rss_kib + children_before,
+            after.rss_kib + children_connected,
+        ],
+        gateway_rss_kib: [before.rss_kib, after.rss_kib],
+        idle_cpu: gateway_idle + children_idle,
+        gateway_idle_cpu: gateway_idle,
         probe: [probe[0], probe[1]],
-        peak_rss_kib: peak,
+        peak_rss_kib: [gateway_peak, children_peak],
         costs,
     })
 }

@@ -126,6 +126,10 @@ enum BenchCommand {
     Enroll(BenchArgs),
     /// Enroll N devices (untimed), then time one renewal of each.
     Renew(BenchArgs),
+    /// One load-generator process of `bench enroll --keep-connected`, run
+    /// by the bench itself: JSON lines on stdin and stdout.
+    #[command(hide = true)]
+    Devices,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +153,10 @@ struct BenchArgs {
     /// stays open after its enrollment; --concurrency devices connect at once.
     #[arg(long)]
     keep_connected: bool,
+    /// With --keep-connected: most devices one load-generator process
+    /// drives (each holds one open file per device; the gateway runs apart).
+    #[arg(long, default_value_t = idgate_gateway::bench::DEVICES_PER_PROCESS)]
+    devices_per_process: usize,
 }
 
 #[derive(Debug, Args)]
@@ -891,6 +899,11 @@ async fn bench(command: BenchCommand) -> Result<()> {
     let (op, args) = match command {
         BenchCommand::Enroll(args) => (idgate_gateway::bench::Op::Enroll, args),
         BenchCommand::Renew(args) => (idgate_gateway::bench::Op::Renew, args),
+        BenchCommand::Devices => {
+            let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            idgate_gateway::bench::serve_devices(stdin, tokio::io::stdout()).await?;
+            return Ok(());
+        }
     };
     let options = idgate_gateway::bench::Options {
         op,
@@ -900,6 +913,7 @@ async fn bench(command: BenchCommand) -> Result<()> {
         rate: args.rate,
         keep: args.keep,
         keep_connected: args.keep_connected,
+        devices_per_process: args.devices_per_process,
     };
     if options.keep_connected {
         let report =

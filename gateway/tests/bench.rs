@@ -41,6 +41,8 @@ fn bench_renew_small() {
 
 #[test]
 fn bench_enroll_keep_connected_small() {
+    // 30 devices over two load-generator processes of 15: the parent
+    // splits the fleet, and merges what both children measured.
     let output = Command::new(env!("CARGO_BIN_EXE_idgate"))
         .args([
             "bench",
@@ -50,6 +52,8 @@ fn bench_enroll_keep_connected_small() {
             "30",
             "--concurrency",
             "8",
+            "--devices-per-process",
+            "20",
         ])
         .output()
         .expect("run idgate bench");
@@ -57,6 +61,10 @@ fn bench_enroll_keep_connected_small() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed: {stderr}");
     println!("{stdout}");
+    assert!(
+        stdout.contains("30 devices, one MQTT/TLS connection each, 8 connecting at once, 2 load-generator processes"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("accepted              30 of 30"),
         "{stdout}"
@@ -66,7 +74,46 @@ fn bench_enroll_keep_connected_small() {
         stdout.contains("held                  30 connections"),
         "{stdout}"
     );
-    for figure in ["CPU per device", "probe", "memory", "| N connected |"] {
+    for figure in [
+        "CPU per device",
+        "    gateway             ",
+        "    load generator      ",
+        "probe",
+        "memory",
+        "| N connected |",
+    ] {
         assert!(stdout.contains(figure), "no {figure} in {stdout}");
     }
+    // The devices' sockets are in the children: the gateway's process
+    // holds only its side of each connection (the accepted socket, and at
+    // most both ends of a link to rumqttd), not the 4 or more it would
+    // with the devices inside it.
+    let per_device: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("  held "))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no open files per device in {stdout}"));
+    assert!(
+        per_device < 3.5,
+        "{per_device} open files per device in the gateway: {stdout}"
+    );
+}
+
+/// The hidden load-generator subcommand stays out of the help.
+#[test]
+fn bench_devices_is_hidden() {
+    let output = Command::new(env!("CARGO_BIN_EXE_idgate"))
+        .args(["bench", "--help"])
+        .output()
+        .expect("run idgate bench --help");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let commands: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(commands.contains(&"enroll"), "{stdout}");
+    assert!(!commands.contains(&"devices"), "{stdout}");
 }

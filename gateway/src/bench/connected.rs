@@ -2,8 +2,9 @@
 //! connection of its own — TCP, a full TLS 1.3 handshake, MQTT CONNECT and
 //! SUBSCRIBE — enrolls over it, and then **stays connected**, as a fleet does.
 //! What scales with the fleet is the number of connections the gateway
-//! holds, so this mode reports the process's memory and the latency of a
-//! fresh device's enrollment with N devices connected.
+//! holds, so this mode reports the gateway's memory and open files and the
+//! latency of a fresh device's enrollment with N devices connected. The
+//! devices run in the load generator's child processes (`fleet`).
 //!
 //! The devices speak MQTT 3.1.1 through a minimal client of their own (a few
 //! packet types over `tokio-rustls`): a full MQTT client library per device
