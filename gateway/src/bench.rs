@@ -379,6 +379,13 @@ async fn start_gateway(
     settings.mqtt_listen = ([127, 0, 0, 1], 0).into();
     settings.http_listen = ([127, 0, 0, 1], 0).into();
     settings.admin.listen = ([127, 0, 0, 1], 0).into();
+    // Measure holding the fleet, not the front's admission limit.
+    if options.keep_connected {
+        settings.limits.max_connections = settings
+            .limits
+            .max_connections
+            .max(options.devices + PROBES);
+    }
     let gateway = Gateway::start(settings).await?;
     Ok((temp, data, gateway))
 }
