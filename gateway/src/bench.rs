@@ -94,6 +94,16 @@ pub enum BenchError {
     Run(String),
 }
 
+impl BenchError {
+    /// The reason alone, without the stage [`fmt::Display`] names.
+    fn detail(&self) -> String {
+        match self {
+            BenchError::Options(s) | BenchError::Setup(s) | BenchError::Run(s) => s.clone(),
+            BenchError::Start(e) => e.to_string(),
+        }
+    }
+}
+
 fn setup(e: impl fmt::Display) -> BenchError {
     BenchError::Setup(e.to_string())
 }
@@ -1131,7 +1141,8 @@ pub(crate) struct FileWatch {
     baseline: usize,
     /// Devices the run will connect to this process, probes included.
     devices: usize,
-    sessions: Arc<crate::broker::front::Sessions>,
+    /// Connections the gateway's front holds now.
+    held: Box<dyn Fn() -> usize + Send + Sync>,
     /// Open files per connected device, once measured.
     measured: Option<f64>,
     /// The most connections seen held.
@@ -1140,14 +1151,14 @@ pub(crate) struct FileWatch {
 }
 
 impl FileWatch {
-    fn new(sessions: Arc<crate::broker::front::Sessions>, devices: usize) -> FileWatch {
+    fn new(held: impl Fn() -> usize + Send + Sync + 'static, devices: usize) -> FileWatch {
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         FileWatch {
             limit: open_files_limit(),
             baseline: open_files(),
             devices,
-            sessions,
+            held: Box::new(held),
             measured: None,
             most_held: 0,
             ticker,
@@ -1155,7 +1166,7 @@ impl FileWatch {
     }
 
     fn held(&mut self) -> usize {
-        self.most_held = self.most_held.max(self.sessions.connections());
+        self.most_held = self.most_held.max((self.held)());
         self.most_held
     }
 
@@ -1234,7 +1245,7 @@ impl FileWatch {
     pub(crate) fn explain(&mut self, error: BenchError) -> BenchError {
         let held = self.held();
         if let Some(reason) = self.exhausted(true) {
-            return BenchError::Run(format!("{reason}; what failed then: {error}"));
+            return BenchError::Run(format!("{reason}; what failed then: {}", error.detail()));
         }
         let (Some(limit), Some(per_device)) = (self.limit, self.measured) else {
             return error;
@@ -1248,7 +1259,8 @@ impl FileWatch {
         BenchError::Run(format!(
             "the gateway's process reached its limit of open files ({limit}) with {held} \
              devices connected ({per_device:.2} per device, measured): about {fit:.0} fit \
-             under this limit (raise it with `ulimit -n`); what failed then: {error}"
+             under this limit (raise it with `ulimit -n`); what failed then: {}",
+            error.detail()
         ))
     }
 }
@@ -1297,7 +1309,8 @@ async fn measure_connected(
     )
     .await?;
     drop(credentials);
-    let mut watch = FileWatch::new(gateway.sessions().clone(), n + PROBES);
+    let sessions = gateway.sessions().clone();
+    let mut watch = FileWatch::new(move || sessions.connections(), n + PROBES);
     let ready = children.ready(&mut watch, log).await?;
 
     log(&format!(
@@ -1494,6 +1507,53 @@ fn open_files() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watch measures the gateway's open files per device, warns when
+    /// the fleet will not fit, and blames a failure on the limit only when
+    /// the fleet had reached it.
+    #[tokio::test]
+    async fn file_watch_projects_and_explains() {
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = held.clone();
+        let mut watch = FileWatch::new(
+            move || count.load(std::sync::atomic::Ordering::Relaxed),
+            1000,
+        );
+        watch.limit = Some(watch.baseline + 2000);
+        assert!(watch.projection().is_none(), "nothing held yet");
+        // 100 devices at 3 descriptors each (other tests open files too:
+        // the figure is about 3, the assertions leave room).
+        let files: Vec<_> = (0..300)
+            .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+            .collect();
+        held.store(100, std::sync::atomic::Ordering::Relaxed);
+        let warning = watch
+            .projection()
+            .expect("1000 devices at ~3 do not fit in 2000");
+        assert!(
+            warning.contains("open files per connected device"),
+            "{warning}"
+        );
+        assert!(watch.projection().is_none(), "warns once");
+        assert!(
+            watch.exhausted(false).is_none(),
+            "files can still be opened"
+        );
+        let failure = || BenchError::Run("device d-1: connection closed".into());
+        // Far below the ~670 that fit: the failure is the device's own.
+        watch.most_held = 0;
+        held.store(100, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(watch.explain(failure()).to_string(), failure().to_string());
+        // At the limit: said first, the device's failure after it.
+        held.store(2000, std::sync::atomic::Ordering::Relaxed);
+        let explained = watch.explain(failure()).to_string();
+        assert!(
+            explained.contains("reached its limit of open files")
+                && explained.ends_with("what failed then: device d-1: connection closed"),
+            "{explained}"
+        );
+        drop(files);
+    }
 
     #[test]
     fn process_figures_are_read() {

@@ -901,7 +901,9 @@ async fn bench(command: BenchCommand) -> Result<()> {
         BenchCommand::Renew(args) => (idgate_gateway::bench::Op::Renew, args),
         BenchCommand::Devices => {
             let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-            idgate_gateway::bench::serve_devices(stdin, tokio::io::stdout()).await?;
+            idgate_gateway::bench::serve_devices(stdin, tokio::io::stdout())
+                .await
+                .context("bench load-generator process")?;
             return Ok(());
         }
     };

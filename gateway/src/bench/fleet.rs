@@ -131,13 +131,7 @@ where
     let mut lines = input.lines();
     let result = child(&mut lines, &mut output).await;
     if let Err(e) = &result {
-        let _ = send(
-            &mut output,
-            &FromChild::Failed {
-                error: e.to_string(),
-            },
-        )
-        .await;
+        let _ = send(&mut output, &FromChild::Failed { error: e.detail() }).await;
     }
     result
 }
