@@ -84,10 +84,10 @@ fn bench_enroll_keep_connected_small() {
     ] {
         assert!(stdout.contains(figure), "no {figure} in {stdout}");
     }
-    // The devices' sockets are in the children: the gateway's process
-    // holds only its side of each connection (the accepted socket, and at
-    // most both ends of a link to rumqttd), not the 4 or more it would
-    // with the devices inside it.
+    // The accepted figure above is the children's (the parent sums their
+    // reports). The gateway's own open files per device are measured: at
+    // least its accepted socket, at most that and both ends of a link to
+    // rumqttd.
     let per_device: f64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("  held "))
@@ -96,7 +96,7 @@ fn bench_enroll_keep_connected_small() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no open files per device in {stdout}"));
     assert!(
-        per_device < 3.5,
+        (1.0..3.5).contains(&per_device),
         "{per_device} open files per device in the gateway: {stdout}"
     );
 }
