@@ -41,6 +41,7 @@ mod accounts;
 mod batches;
 mod context;
 mod devices;
+mod group;
 pub use accounts::{
     Account, AccountError, ApiToken, NewApiToken, NewSession, Role, SessionRecord,
     check_account_name,
@@ -447,6 +448,27 @@ pub struct Registry {
     write_turn: Mutex<()>,
     /// Certificates waiting to be recorded by the next group commit.
     commit_queue: std::sync::Mutex<Vec<Queued>>,
+    commits: CommitStats,
+}
+
+/// How group commits went since the registry was opened.
+#[derive(Debug, Default)]
+struct CommitStats {
+    groups: std::sync::atomic::AtomicU64,
+    per_record: std::sync::atomic::AtomicU64,
+    records: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of [`Registry::commit_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCommits {
+    /// Transactions that recorded certificates.
+    pub groups: u64,
+    /// Of those, the groups written one record at a time, because the
+    /// statements for the whole group found a condition that did not hold.
+    pub per_record: u64,
+    /// Certificate records they held, refused ones included.
+    pub records: u64,
 }
 
 /// Most records in one group commit: bounds how long one transaction holds
@@ -509,6 +531,7 @@ impl Registry {
             backend,
             write_turn: Mutex::new(()),
             commit_queue: std::sync::Mutex::new(Vec::new()),
+            commits: CommitStats::default(),
         };
         registry.migrate().await?;
         Ok(registry)
@@ -754,6 +777,16 @@ impl Registry {
         }
     }
 
+    /// How the certificate records were committed so far.
+    pub fn commit_stats(&self) -> GroupCommits {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        GroupCommits {
+            groups: load(&self.commits.groups),
+            per_record: load(&self.commits.per_record),
+            records: load(&self.commits.records),
+        }
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
         // Nothing panics while holding it; a poisoned queue is still a queue.
         self.commit_queue
@@ -767,6 +800,20 @@ impl Registry {
         group: &[Queued],
     ) -> Result<Vec<Result<(), IssuanceError>>, RegistryError> {
         let mut tx = self.pool.begin().await?;
+        let stats = &self.commits;
+        stats
+            .groups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .records
+            .fetch_add(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if group::write(&mut tx, group).await? {
+            tx.commit().await?;
+            return Ok(group.iter().map(|_| Ok(())).collect());
+        }
+        stats
+            .per_record
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut results = Vec::with_capacity(group.len());
         for queued in group {
             sqlx::query("SAVEPOINT idgate_record")

@@ -8,6 +8,7 @@ on_both_backends!(
     batch_import_is_all_or_nothing,
     batch_counts_follow_enrollment,
     group_commit_refuses_records_alone,
+    group_commit_writes_a_clean_group_at_once,
     duplicate_devices_are_refused,
     enrollment_is_recorded_once,
     enrollment_context_reads_device_credential_and_rid,
@@ -827,6 +828,96 @@ async fn group_commit_refuses_records_alone(db: TestDatabase) {
         registry.device("g4").await.unwrap().unwrap().status,
         DeviceStatus::Active
     );
+    // A refusal is only ever decided record by record.
+    assert!(registry.commit_stats().per_record >= 1);
+}
+
+async fn group_commit_writes_a_clean_group_at_once(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    let ids: Vec<String> = (0..12).map(|i| format!("c{i:02}")).collect();
+    for id in &ids {
+        registry
+            .add_device(&new_device(id, "s", "a@x.io"), b"sealed", 10)
+            .await
+            .unwrap();
+    }
+    let records: Vec<Issuance> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| issuance(id, &format!("0c{i:02}"), 100 + i as u8, "r1"))
+        .collect();
+    let (registry, outcomes) = futures_join(registry, &records).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let stats = registry.commit_stats();
+    assert_eq!(stats.records, 12);
+    assert_eq!(stats.per_record, 0, "{stats:?}");
+    assert!(
+        stats.groups < 12,
+        "concurrent records share groups: {stats:?}"
+    );
+    // Everything a record writes is there, as the per-record path writes it.
+    for (record, id) in records.iter().zip(&ids) {
+        let device = registry.device(id).await.unwrap().unwrap();
+        assert_eq!(device.status, DeviceStatus::Active);
+        assert_eq!(device.updated_at, 150);
+        assert_eq!(device.last_seen_at, Some(150));
+        let used = registry.credential(id).await.unwrap().unwrap().used_at;
+        assert_eq!(used, Some(150));
+        let key = &record.certificate.key_fingerprint;
+        assert_eq!(
+            registry.key_owner(key).await.unwrap().as_deref(),
+            Some(id.as_str())
+        );
+        let prior = registry
+            .prior_request(id, "enroll", "r1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(prior.certificate, record.certificate);
+        assert_eq!(prior.csr_sha256, record.csr_sha256);
+        let trail = registry.audit_trail(id).await.unwrap();
+        assert!(trail.iter().any(|e| e.action == "enroll"), "{trail:?}");
+    }
+
+    // Renewals of several devices at once, then one whose counter does not
+    // grow: that group goes record by record and refuses it alone.
+    let registry = std::sync::Arc::new(registry);
+    let renew = |i: usize, counter: i64| {
+        let registry = registry.clone();
+        let id = ids[i].clone();
+        tokio::spawn(async move {
+            let mut record = renewal(
+                &id,
+                &format!("1c{i:02}{counter}"),
+                &format!("0c{i:02}"),
+                200 + i as u8,
+                &format!("n{counter}"),
+                1_000,
+            );
+            record.certificate.issued_at = 160;
+            let audit = AuditEntry::new(160, format!("device:{id}"), "renew").device(&id);
+            registry.record_renewal(&record, counter, &audit).await
+        })
+    };
+    let tasks: Vec<_> = (0..6).map(|i| renew(i, 3)).collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(registry.commit_stats().per_record, 0);
+    for id in &ids[..6] {
+        let device = registry.device(id).await.unwrap().unwrap();
+        assert_eq!((device.renew_counter, device.updated_at), (3, 160));
+        assert_eq!(device.last_seen_at, Some(160));
+    }
+    let stale = renew(0, 2).await.unwrap();
+    assert!(
+        matches!(stale, Err(IssuanceError::CounterNotGreater)),
+        "{stale:?}"
+    );
+    assert_eq!(registry.commit_stats().per_record, 1);
+    assert!(registry.certificate("1c002").await.unwrap().is_none());
 }
 
 async fn futures_join(

@@ -1,0 +1,315 @@
+//! The fast path of a group commit: every record of the group written with a
+//! handful of statements in all, instead of about ten per record.
+//!
+//! sqlx runs each SQLite statement on a worker thread of its own and hands
+//! the result back through a channel, so a statement costs two thread
+//! switches whatever it does; the group's committer ran ~11 of them per
+//! certificate one after the other, and that serial chain bounded the
+//! throughput (docs/performance.md). Here the group's conditions are checked
+//! by the statements themselves — an update must touch exactly the rows of
+//! the group, an insert must not collide — and anything unexpected (a token
+//! used meanwhile, a repeated rid, a key bound elsewhere, two records for one
+//! device) rolls the fast path back to its savepoint; the caller then records
+//! the group one savepoint per record, as before, so each record still gets
+//! its own outcome. The same statements run on SQLite and PostgreSQL
+//! (`CAST(… AS BIGINT)` types the parameters PostgreSQL cannot infer). The
+//! SQL text is built from fixed fragments and numbered placeholders only;
+//! every value is bound.
+
+use std::collections::HashMap;
+
+use sqlx::{Any, AssertSqlSafe, Row, Transaction};
+
+use super::{AuditEntry, Issuance, Queued, Record, RegistryError};
+
+/// Placeholders `$1`, `$2`, … handed out in binding order.
+#[derive(Default)]
+struct Placeholders(usize);
+
+impl Placeholders {
+    fn next(&mut self) -> String {
+        self.0 += 1;
+        format!("${}", self.0)
+    }
+}
+
+/// `CASE {column} WHEN $k THEN CAST($v AS BIGINT) … END`, for `(key, value)`
+/// placeholders.
+fn case(column: &str, pairs: &[(String, String)]) -> String {
+    let mut sql = format!("CASE {column}");
+    for (key, value) in pairs {
+        sql.push_str(&format!(" WHEN {key} THEN CAST({value} AS BIGINT)"));
+    }
+    sql.push_str(" END");
+    sql
+}
+
+fn list(placeholders: &[(String, String)]) -> String {
+    let keys: Vec<&str> = placeholders.iter().map(|(k, _)| k.as_str()).collect();
+    keys.join(", ")
+}
+
+/// `VALUES (…), (…)` for `rows` rows of `columns` placeholders each.
+fn values(rows: usize, columns: usize, p: &mut Placeholders) -> String {
+    let rows: Vec<String> = (0..rows)
+        .map(|_| {
+            let row: Vec<String> = (0..columns).map(|_| p.next()).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect();
+    rows.join(", ")
+}
+
+/// Writes `group` in one go inside a savepoint. `Ok(true)`: written;
+/// `Ok(false)`: some condition did not hold, nothing of it is left, and the
+/// caller must record the group one record at a time.
+pub(super) async fn write(
+    tx: &mut Transaction<'_, Any>,
+    group: &[Queued],
+) -> Result<bool, RegistryError> {
+    sqlx::query("SAVEPOINT idgate_group")
+        .execute(&mut **tx)
+        .await?;
+    let written = statements(tx, group).await;
+    if !matches!(written, Ok(true)) {
+        sqlx::query("ROLLBACK TO SAVEPOINT idgate_group")
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("RELEASE SAVEPOINT idgate_group")
+        .execute(&mut **tx)
+        .await?;
+    // An error (a unique key taken by another replica, say) is left to the
+    // per-record path, which tells the records apart — or fails the same way.
+    Ok(written.unwrap_or(false))
+}
+
+/// The statements of [`write`]; `Ok(false)` as soon as a condition fails.
+async fn statements(
+    tx: &mut Transaction<'_, Any>,
+    group: &[Queued],
+) -> Result<bool, RegistryError> {
+    // Two records of one device (a replay racing its original, say) are the
+    // per-record path's to tell apart.
+    let mut devices = std::collections::HashSet::new();
+    for queued in group {
+        let (Record::Enrollment(issuance, _) | Record::Renewal(issuance, _, _)) = &queued.record;
+        if !devices.insert(issuance.certificate.device_id.as_str()) {
+            return Ok(false);
+        }
+    }
+    let mut enrollments = Vec::new();
+    let mut renewals = Vec::new();
+    let mut issuances = Vec::new();
+    let mut audits: Vec<&AuditEntry> = Vec::new();
+    for queued in group {
+        match &queued.record {
+            Record::Enrollment(issuance, audit) => {
+                enrollments.push(issuance);
+                issuances.push(issuance);
+                audits.push(audit);
+            }
+            Record::Renewal(issuance, counter, audit) => {
+                renewals.push((issuance, *counter));
+                issuances.push(issuance);
+                audits.push(audit);
+            }
+        }
+    }
+
+    if !enrollments.is_empty() {
+        // The tokens: unused until now, one per device of the group.
+        let mut p = Placeholders::default();
+        let pairs: Vec<_> = enrollments.iter().map(|_| (p.next(), p.next())).collect();
+        let sql = format!(
+            "UPDATE enrollment_credentials SET used_at = {} \
+             WHERE used_at IS NULL AND device_id IN ({})",
+            case("device_id", &pairs),
+            list(&pairs)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for issuance in &enrollments {
+            query = query
+                .bind(&issuance.certificate.device_id)
+                .bind(issuance.certificate.issued_at);
+        }
+        if query.execute(&mut **tx).await?.rows_affected() != enrollments.len() as u64 {
+            return Ok(false);
+        }
+        // The devices: pending until now.
+        let sql = format!(
+            "UPDATE devices SET status = 'active', updated_at = {case}, last_seen_at = {case} \
+             WHERE status = 'pending' AND id IN ({})",
+            list(&pairs),
+            case = case("id", &pairs),
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for issuance in &enrollments {
+            query = query
+                .bind(&issuance.certificate.device_id)
+                .bind(issuance.certificate.issued_at);
+        }
+        if query.execute(&mut **tx).await?.rows_affected() != enrollments.len() as u64 {
+            return Ok(false);
+        }
+    }
+
+    if !renewals.is_empty() {
+        // Active devices whose counter grows.
+        let mut p = Placeholders::default();
+        let mut counters = Vec::new();
+        let mut times = Vec::new();
+        for _ in &renewals {
+            let (id, counter, at) = (p.next(), p.next(), p.next());
+            counters.push((id.clone(), counter));
+            times.push((id, at));
+        }
+        let at = case("id", &times);
+        let counter = case("id", &counters);
+        let sql = format!(
+            "UPDATE devices SET renew_counter = {counter}, updated_at = {at}, \
+             last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < {at} \
+             THEN {at} ELSE last_seen_at END \
+             WHERE status = 'active' AND id IN ({}) AND renew_counter < {counter}",
+            list(&times)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (issuance, counter) in &renewals {
+            query = query
+                .bind(&issuance.certificate.device_id)
+                .bind(*counter)
+                .bind(issuance.certificate.issued_at);
+        }
+        if query.execute(&mut **tx).await?.rows_affected() != renewals.len() as u64 {
+            return Ok(false);
+        }
+    }
+
+    // The keys: each bound to its own device only. A key already bound (a
+    // renewal that kept its key) must be bound to the same device.
+    let mut keys: HashMap<&[u8], &Issuance> = HashMap::new();
+    for issuance in &issuances {
+        let key = issuance.certificate.key_fingerprint.as_slice();
+        if let Some(other) = keys.insert(key, issuance)
+            && other.certificate.device_id != issuance.certificate.device_id
+        {
+            return Ok(false);
+        }
+    }
+    let mut p = Placeholders::default();
+    let placeholders: Vec<String> = keys.keys().map(|_| p.next()).collect();
+    let sql = format!(
+        "SELECT key_fingerprint, device_id FROM device_keys WHERE key_fingerprint IN ({})",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for key in keys.keys() {
+        query = query.bind(key.to_vec());
+    }
+    for row in query.fetch_all(&mut **tx).await? {
+        let key: Vec<u8> = row.try_get("key_fingerprint")?;
+        let owner: String = row.try_get("device_id")?;
+        match keys.remove(key.as_slice()) {
+            Some(issuance) if issuance.certificate.device_id == owner => {}
+            _ => return Ok(false),
+        }
+    }
+    if !keys.is_empty() {
+        let mut p = Placeholders::default();
+        let sql = format!(
+            "INSERT INTO device_keys (key_fingerprint, device_id, bound_at) VALUES {}",
+            values(keys.len(), 3, &mut p)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (key, issuance) in &keys {
+            query = query
+                .bind(key.to_vec())
+                .bind(&issuance.certificate.device_id)
+                .bind(issuance.certificate.issued_at);
+        }
+        query.execute(&mut **tx).await?;
+    }
+
+    // The certificates, then the requests (a repeated rid collides here).
+    let mut p = Placeholders::default();
+    let sql = format!(
+        "INSERT INTO certificates (serial, device_id, key_fingerprint, not_before, not_after, \
+         issued_at, der, renewed_from) VALUES {}",
+        values(issuances.len(), 8, &mut p)
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for issuance in &issuances {
+        let c = &issuance.certificate;
+        query = query
+            .bind(&c.serial)
+            .bind(&c.device_id)
+            .bind(c.key_fingerprint.clone())
+            .bind(c.not_before)
+            .bind(c.not_after)
+            .bind(c.issued_at)
+            .bind(c.der.clone())
+            .bind(c.renewed_from.clone());
+    }
+    query.execute(&mut **tx).await?;
+    let mut p = Placeholders::default();
+    let sql = format!(
+        "INSERT INTO requests (device_id, op, rid, csr_sha256, serial, at) VALUES {}",
+        values(issuances.len(), 6, &mut p)
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for issuance in &issuances {
+        let c = &issuance.certificate;
+        query = query
+            .bind(&c.device_id)
+            .bind(issuance.op)
+            .bind(&issuance.rid)
+            .bind(issuance.csr_sha256.clone())
+            .bind(&c.serial)
+            .bind(c.issued_at);
+    }
+    query.execute(&mut **tx).await?;
+
+    // Which station enrolled which device (the creation chain).
+    let relayed: Vec<(&Issuance, &str)> = issuances
+        .iter()
+        .filter_map(|i| i.station.as_deref().map(|s| (*i, s)))
+        .collect();
+    if !relayed.is_empty() {
+        let mut p = Placeholders::default();
+        let sql = format!(
+            "INSERT INTO station_enrollments (serial, device_id, station_id, at) VALUES {}",
+            values(relayed.len(), 4, &mut p)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (issuance, station) in relayed {
+            let c = &issuance.certificate;
+            query = query
+                .bind(&c.serial)
+                .bind(&c.device_id)
+                .bind(station)
+                .bind(c.issued_at);
+        }
+        query.execute(&mut **tx).await?;
+    }
+
+    let mut p = Placeholders::default();
+    let sql = format!(
+        "INSERT INTO audit_log (id, at, actor, action, device_id, serial, outcome, detail) \
+         VALUES {}",
+        values(audits.len(), 8, &mut p)
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for entry in audits {
+        query = query
+            .bind(&entry.id)
+            .bind(entry.at)
+            .bind(&entry.actor)
+            .bind(&entry.action)
+            .bind(entry.device_id.clone())
+            .bind(entry.serial.clone())
+            .bind(&entry.outcome)
+            .bind(&entry.detail);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(true)
+}
