@@ -36,7 +36,7 @@ pub use fleet::serve as serve_devices;
 
 use crate::datadir::DataDir;
 use crate::gateway::{Gateway, Settings, StartError};
-use crate::registry::{NewBatch, NewDevice, now};
+use crate::registry::{GroupCommits, NewBatch, NewDevice, now};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +140,8 @@ pub struct Report {
     pub cores: usize,
     /// Certificates in the registry after the run.
     pub recorded: i64,
+    /// The group commits of the timed phase.
+    pub commits: GroupCommits,
     /// Cost of each public-key operation on this machine, this run.
     pub costs: CryptoCosts,
 }
@@ -182,6 +184,14 @@ impl fmt::Display for Report {
             f,
             "  accepted              {} of {} ({} certificates recorded, SQLite synchronous=FULL)",
             self.accepted, self.requests, self.recorded
+        )?;
+        let commits = self.commits;
+        writeln!(
+            f,
+            "  group commits         {} transactions, {:.1} records each, {} written record by record",
+            commits.groups,
+            commits.records as f64 / commits.groups.max(1) as f64,
+            commits.per_record
         )?;
         writeln!(
             f,
@@ -498,11 +508,18 @@ async fn measure(
         }
     };
     log("timed phase");
+    let commits_before = gateway.registry().commit_stats();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let outcomes = drive(&mut connections, jobs, options, options.rate).await?;
     let elapsed = started.elapsed();
     let cpu = cpu_seconds() - cpu_before;
+    let commits_after = gateway.registry().commit_stats();
+    let commits = GroupCommits {
+        groups: commits_after.groups - commits_before.groups,
+        per_record: commits_after.per_record - commits_before.per_record,
+        records: commits_after.records - commits_before.records,
+    };
     for connection in connections {
         let _ = connection.client.disconnect().await;
     }
@@ -546,6 +563,7 @@ async fn measure(
         ceiling_all_cores: all,
         cores,
         recorded,
+        commits,
         costs,
     })
 }

@@ -9,9 +9,9 @@
 //! by the statements themselves — an update must touch exactly the rows of
 //! the group, an insert must not collide — and anything unexpected (a token
 //! used meanwhile, a repeated rid, a key bound elsewhere, two records for one
-//! device) rolls the fast path back to its savepoint; the caller then records
-//! the group one savepoint per record, as before, so each record still gets
-//! its own outcome. The same statements run on SQLite and PostgreSQL
+//! device) rolls the transaction back; the caller then records the group one
+//! savepoint per record, as before, so each record still gets its own
+//! outcome. The same statements run on SQLite and PostgreSQL
 //! (`CAST(… AS BIGINT)` types the parameters PostgreSQL cannot infer). The
 //! SQL text is built from fixed fragments and numbered placeholders only;
 //! every value is bound.
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use sqlx::{Any, AssertSqlSafe, Row, Transaction};
 
-use super::{AuditEntry, Issuance, Queued, Record, RegistryError};
+use super::{AuditEntry, Backend, Issuance, Queued, Record, RegistryError};
 
 /// Placeholders `$1`, `$2`, … handed out in binding order.
 #[derive(Default)]
@@ -60,34 +60,69 @@ fn values(rows: usize, columns: usize, p: &mut Placeholders) -> String {
     rows.join(", ")
 }
 
-/// Writes `group` in one go inside a savepoint. `Ok(true)`: written;
-/// `Ok(false)`: some condition did not hold, nothing of it is left, and the
-/// caller must record the group one record at a time.
+/// Activates `n` pending devices: binds (id, time) per device.
+fn activate_sql(n: usize, status: &str) -> String {
+    let mut p = Placeholders::default();
+    let pairs: Vec<_> = (0..n).map(|_| (p.next(), p.next())).collect();
+    format!(
+        "UPDATE devices SET status = 'active', updated_at = {case}, last_seen_at = {case} \
+         WHERE {status} = 'pending' AND id IN ({})",
+        list(&pairs),
+        case = case("id", &pairs),
+    )
+}
+
+/// Raises the counters of `n` active devices: binds (id, counter, time) per
+/// device.
+fn raise_sql(n: usize, status: &str) -> String {
+    let mut p = Placeholders::default();
+    let mut counters = Vec::new();
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let (id, counter, at) = (p.next(), p.next(), p.next());
+        counters.push((id.clone(), counter));
+        times.push((id, at));
+    }
+    let at = case("id", &times);
+    let counter = case("id", &counters);
+    format!(
+        "UPDATE devices SET renew_counter = {counter}, updated_at = {at}, \
+         last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < {at} \
+         THEN {at} ELSE last_seen_at END \
+         WHERE {status} = 'active' AND id IN ({}) AND renew_counter < {counter}",
+        list(&times)
+    )
+}
+
+/// Writes `group` in one go. `Ok(true)`: written; `Ok(false)`: some
+/// condition did not hold; then, or on an error (a unique key taken by
+/// another replica, say), the caller rolls the transaction back and records
+/// the group one record at a time, which tells the records apart (or fails
+/// the same way). No savepoint: SQLite would copy every page the group
+/// touches to a statement journal first.
 pub(super) async fn write(
     tx: &mut Transaction<'_, Any>,
     group: &[Queued],
+    backend: Backend,
 ) -> Result<bool, RegistryError> {
-    sqlx::query("SAVEPOINT idgate_group")
-        .execute(&mut **tx)
-        .await?;
-    let written = statements(tx, group).await;
-    if !matches!(written, Ok(true)) {
-        sqlx::query("ROLLBACK TO SAVEPOINT idgate_group")
-            .execute(&mut **tx)
-            .await?;
-    }
-    sqlx::query("RELEASE SAVEPOINT idgate_group")
-        .execute(&mut **tx)
-        .await?;
-    // An error (a unique key taken by another replica, say) is left to the
-    // per-record path, which tells the records apart — or fails the same way.
-    Ok(written.unwrap_or(false))
+    // The devices are found by id. Without statistics, SQLite's planner
+    // estimates an equality on an indexed column at ten rows, cheaper than
+    // 64 lookups by id, and walks the `devices_status` index instead: every
+    // pending (or active) device in the registry, for each group. A unary
+    // `+` keeps the status test out of its index choice; PostgreSQL plans
+    // from its statistics and has no such operator on text.
+    let status = match backend {
+        Backend::Sqlite => "+status",
+        Backend::Postgres => "status",
+    };
+    statements(tx, group, status).await
 }
 
 /// The statements of [`write`]; `Ok(false)` as soon as a condition fails.
 async fn statements(
     tx: &mut Transaction<'_, Any>,
     group: &[Queued],
+    status: &str,
 ) -> Result<bool, RegistryError> {
     // Two records of one device (a replay racing its original, say) are the
     // per-record path's to tell apart.
@@ -137,13 +172,7 @@ async fn statements(
             return Ok(false);
         }
         // The devices: pending until now.
-        let sql = format!(
-            "UPDATE devices SET status = 'active', updated_at = {case}, last_seen_at = {case} \
-             WHERE status = 'pending' AND id IN ({})",
-            list(&pairs),
-            case = case("id", &pairs),
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(activate_sql(enrollments.len(), status)));
         for issuance in &enrollments {
             query = query
                 .bind(&issuance.certificate.device_id)
@@ -156,24 +185,7 @@ async fn statements(
 
     if !renewals.is_empty() {
         // Active devices whose counter grows.
-        let mut p = Placeholders::default();
-        let mut counters = Vec::new();
-        let mut times = Vec::new();
-        for _ in &renewals {
-            let (id, counter, at) = (p.next(), p.next(), p.next());
-            counters.push((id.clone(), counter));
-            times.push((id, at));
-        }
-        let at = case("id", &times);
-        let counter = case("id", &counters);
-        let sql = format!(
-            "UPDATE devices SET renew_counter = {counter}, updated_at = {at}, \
-             last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < {at} \
-             THEN {at} ELSE last_seen_at END \
-             WHERE status = 'active' AND id IN ({}) AND renew_counter < {counter}",
-            list(&times)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(raise_sql(renewals.len(), status)));
         for (issuance, counter) in &renewals {
             query = query
                 .bind(&issuance.certificate.device_id)
@@ -312,4 +324,54 @@ async fn statements(
     }
     query.execute(&mut **tx).await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The planner must find a group's devices by id, not walk every pending
+    /// or active device through `devices_status` (what it did for groups of
+    /// more than a few records without the `+`).
+    #[tokio::test]
+    async fn sqlite_finds_a_groups_devices_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = super::super::Registry::open(&super::super::sqlite_url(
+            &dir.path().join("registry.db"),
+        ))
+        .await
+        .unwrap();
+        for sql in [activate_sql(64, "+status"), raise_sql(64, "+status")] {
+            let mut query = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+            for i in 0..64 {
+                query = query.bind(format!("d{i}")).bind(i as i64);
+                if sql.contains("renew_counter") {
+                    query = query.bind(i as i64);
+                }
+            }
+            let plan: Vec<String> = query
+                .fetch_all(&registry.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.try_get::<String, _>("detail").unwrap())
+                .collect();
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains("sqlite_autoindex_devices_1 (id=?)")),
+                "{plan:?}"
+            );
+        }
+        // Without the `+`, SQLite's choice (the reason for it).
+        let mut query = sqlx::query(AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {}",
+            activate_sql(64, "status")
+        )));
+        for i in 0..64 {
+            query = query.bind(format!("d{i}")).bind(i as i64);
+        }
+        let plan = query.fetch_all(&registry.pool).await.unwrap();
+        let detail: String = plan[0].try_get("detail").unwrap();
+        assert!(detail.contains("devices_status"), "{detail}");
+    }
 }

@@ -807,13 +807,15 @@ impl Registry {
         stats
             .records
             .fetch_add(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if group::write(&mut tx, group).await? {
+        if matches!(group::write(&mut tx, group, self.backend).await, Ok(true)) {
             tx.commit().await?;
             return Ok(group.iter().map(|_| Ok(())).collect());
         }
+        tx.rollback().await?;
         stats
             .per_record
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut tx = self.pool.begin().await?;
         let mut results = Vec::with_capacity(group.len());
         for queued in group {
             sqlx::query("SAVEPOINT idgate_record")
