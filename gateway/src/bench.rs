@@ -742,8 +742,11 @@ async fn connect(
         // hold it back for the delayed ACK (40 ms) and measure TCP, not us.
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
+        // rumqttc's default here is 5 s for TCP + TLS + CONNACK, and for
+        // every write: too short for a loaded machine.
+        network.set_connection_timeout(30);
         events.set_network_options(network);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let (subacks_tx, mut subacks) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
@@ -777,9 +780,15 @@ async fn connect(
         for _ in 0..mine.len() * 2 {
             match tokio::time::timeout(Duration::from_secs(30), subacks.recv()).await {
                 Ok(Some(())) => {}
-                _ => {
+                waited => {
+                    // The event loop's own error, if it stopped.
+                    let cause = match rx.try_recv() {
+                        Ok(Err(e)) => format!(": {e}"),
+                        _ if waited.is_err() => ": no SUBACK within 30 s".to_owned(),
+                        _ => String::new(),
+                    };
                     return Err(setup(format!(
-                        "connection {c}: subscriptions not acknowledged"
+                        "connection {c}: subscriptions not acknowledged{cause}"
                     )));
                 }
             }

@@ -289,12 +289,25 @@ impl RawClient {
         client_id: &str,
         identity: Option<&DeviceIdentity>,
     ) -> Result<RawClient, rumqttc::ConnectionError> {
+        RawClient::try_connect_with(root_pem, port, client_id, identity, |_| {}).await
+    }
+
+    /// [`RawClient::try_connect`] with the MQTT options adjusted (a
+    /// persistent session, say).
+    pub async fn try_connect_with(
+        root_pem: &std::path::Path,
+        port: u16,
+        client_id: &str,
+        identity: Option<&DeviceIdentity>,
+        adjust: impl FnOnce(&mut MqttOptions),
+    ) -> Result<RawClient, rumqttc::ConnectionError> {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(256 * 1024, 256 * 1024);
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             tls_config(root_pem, identity),
         )));
+        adjust(&mut options);
         let (client, mut events) = AsyncClient::new(options, 16);
         loop {
             match tokio::time::timeout(Duration::from_secs(20), events.poll()).await {

@@ -65,6 +65,9 @@ pub struct DirectRoutes {
     /// with how many connections; the empty prefix stands for a filter that
     /// spans devices.
     broker_interest: Mutex<HashMap<String, usize>>,
+    /// Client ids whose last session rumqttd may still keep (Clean Session
+    /// 0, or an MQTT 5 session expiry).
+    persistent_clients: Mutex<HashSet<String>>,
 }
 
 impl DirectRoutes {
@@ -134,6 +137,21 @@ impl DirectRoutes {
             return false;
         }
         interest.contains_key("") || topic_prefix(topic).is_some_and(|p| interest.contains_key(p))
+    }
+
+    /// Notes how `client_id` connects; returns whether rumqttd may still
+    /// hold a persistent session of it from an earlier connection (which a
+    /// clean connection must then reach rumqttd to discard, MQTT 3.1.2-6).
+    pub fn note_session(&self, client_id: &str, persistent: bool) -> bool {
+        let mut clients = self
+            .persistent_clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if persistent {
+            !clients.insert(client_id.to_owned())
+        } else {
+            clients.remove(client_id)
+        }
     }
 
     fn add_interest(&self, prefix: &str) {
@@ -242,15 +260,21 @@ pub struct ConnectionRoutes<'a> {
     broker_acks: Arc<AtomicUsize>,
     /// A QoS 2 PUBLISH went to rumqttd: its flow is rumqttd's from then on.
     qos2_to_broker: bool,
+    /// A session rumqttd keeps beyond the connection: everything goes to
+    /// rumqttd (it must hold the subscriptions and queue what arrives while
+    /// the client is away), and the interest stays after the connection.
+    persistent: bool,
 }
 
 impl<'a> ConnectionRoutes<'a> {
     /// A connection speaking MQTT protocol `level` (4: 3.1.1, 5), whose
-    /// direct packets go to `sender`.
+    /// direct packets go to `sender`; `persistent` if rumqttd keeps its
+    /// session beyond the connection.
     pub fn new(
         routes: &'a DirectRoutes,
         level: u8,
         sender: mpsc::Sender<Vec<u8>>,
+        persistent: bool,
     ) -> ConnectionRoutes<'a> {
         ConnectionRoutes {
             routes,
@@ -261,6 +285,7 @@ impl<'a> ConnectionRoutes<'a> {
             interest: HashSet::new(),
             broker_acks: Arc::default(),
             qos2_to_broker: false,
+            persistent,
         }
     }
 
@@ -295,6 +320,7 @@ impl<'a> ConnectionRoutes<'a> {
             rest = tail;
             let body = &packet[header..];
             let answer = match packet[0] {
+                _ if self.persistent => None,
                 0x82 => self.subscribe(body),
                 0xa2 => self.unsubscribe(body),
                 first if first >> 4 == 3 => match self.request(first, body) {
@@ -465,8 +491,13 @@ impl Drop for ConnectionRoutes<'_> {
         for filter in &self.filters {
             self.routes.remove(filter, self.connection);
         }
-        for prefix in &self.interest {
-            self.routes.remove_interest(prefix);
+        // rumqttd keeps a persistent session's subscriptions: so does the
+        // interest (an over-estimate once the session ends: some replies
+        // are then published to rumqttd for nobody).
+        if !self.persistent {
+            for prefix in &self.interest {
+                self.routes.remove_interest(prefix);
+            }
         }
     }
 }
@@ -594,7 +625,8 @@ pub fn answer_locally(packets: &[u8], answers: &mut Vec<Vec<u8>>) -> Local {
 }
 
 /// Follows the packet boundaries of the broker → client byte stream, so that
-/// a direct packet is only ever written between two of rumqttd's packets.
+/// a direct packet is only ever written between two of rumqttd's, and never
+/// before rumqttd's CONNACK.
 #[derive(Debug, Default)]
 pub struct Boundaries {
     /// Body bytes of the current packet still to come.
@@ -604,22 +636,39 @@ pub struct Boundaries {
     length: usize,
     /// A header that is not MQTT: from then on nothing is interleaved.
     lost: bool,
+    /// rumqttd's first packet (its CONNACK) has not been through yet.
+    before_connack: bool,
 }
 
 impl Boundaries {
-    /// Takes the next bytes of the stream; returns how many PUBACKs start
-    /// in them.
-    pub fn advance(&mut self, mut bytes: &[u8]) -> usize {
+    /// The stream of a connection whose CONNACK comes from rumqttd: nothing
+    /// is interleaved before it (MQTT-3.2.0-1).
+    pub fn before_connack() -> Boundaries {
+        Boundaries {
+            before_connack: true,
+            ..Boundaries::default()
+        }
+    }
+
+    /// Takes the next bytes of the stream up to the end of the first packet
+    /// that ends in them (all of them if none does); returns how many bytes
+    /// it took and how many PUBACKs start in those.
+    pub fn advance_to_boundary(&mut self, bytes: &[u8]) -> (usize, usize) {
+        let mut used = 0;
         let mut pubacks = 0;
-        while !bytes.is_empty() && !self.lost {
+        while used < bytes.len() && !self.lost {
             if self.body > 0 {
-                let n = self.body.min(bytes.len());
+                let n = self.body.min(bytes.len() - used);
                 self.body -= n;
-                bytes = &bytes[n..];
+                used += n;
+                if self.body == 0 {
+                    self.before_connack = false;
+                    return (used, pubacks);
+                }
                 continue;
             }
-            let byte = bytes[0];
-            bytes = &bytes[1..];
+            let byte = bytes[used];
+            used += 1;
             if self.header == 0 {
                 self.header = 1;
                 self.length = 0;
@@ -628,21 +677,37 @@ impl Boundaries {
             }
             if self.header == 5 {
                 self.lost = true;
-                return pubacks;
+                break;
             }
             self.length |= usize::from(byte & 0x7f) << (7 * (self.header - 1));
             self.header += 1;
             if byte & 0x80 == 0 {
                 self.header = 0;
                 self.body = self.length;
+                if self.body == 0 {
+                    self.before_connack = false;
+                    return (used, pubacks);
+                }
             }
+        }
+        (bytes.len(), pubacks)
+    }
+
+    /// Takes the next bytes of the stream; returns how many PUBACKs start
+    /// in them.
+    pub fn advance(&mut self, mut bytes: &[u8]) -> usize {
+        let mut pubacks = 0;
+        while !bytes.is_empty() {
+            let (used, found) = self.advance_to_boundary(bytes);
+            pubacks += found;
+            bytes = &bytes[used..];
         }
         pubacks
     }
 
-    /// Whether the stream is between two packets.
+    /// Whether the stream is between two packets, after rumqttd's CONNACK.
     pub fn at_boundary(&self) -> bool {
-        self.body == 0 && self.header == 0 && !self.lost
+        self.body == 0 && self.header == 0 && !self.lost && !self.before_connack
     }
 }
 
@@ -672,7 +737,7 @@ mod tests {
     fn reply_subscriptions_are_answered_and_replies_delivered() {
         let routes = DirectRoutes::default();
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let mut subs = ConnectionRoutes::new(&routes, 4, tx);
+        let mut subs = ConnectionRoutes::new(&routes, 4, tx, false);
         let publish = [0x30, 0x03, 0x00, 0x01, b'x'];
         let mut input = subscribe(4, 7, &[&format!("{TOPIC}/+")]);
         input.extend_from_slice(&publish);
@@ -701,7 +766,7 @@ mod tests {
     fn other_subscriptions_go_to_the_broker() {
         let routes = DirectRoutes::default();
         let (tx, _rx) = mpsc::channel(QUEUE);
-        let mut subs = ConnectionRoutes::new(&routes, 5, tx);
+        let mut subs = ConnectionRoutes::new(&routes, 5, tx, false);
         for filters in [
             vec!["idgate/v1/crl"],
             vec![
@@ -803,7 +868,7 @@ mod tests {
         let routes = DirectRoutes::default();
         let (tx, _rx) = mpsc::channel(QUEUE);
         for level in [4, 5] {
-            let mut conn = ConnectionRoutes::new(&routes, level, tx.clone());
+            let mut conn = ConnectionRoutes::new(&routes, level, tx.clone(), false);
             // QoS 0: taken, nothing to answer.
             let (to_broker, answers, requests) =
                 route_all(&mut conn, &publish(level, 0x30, TOPIC, b"req"));
@@ -847,7 +912,7 @@ mod tests {
     fn a_qos1_request_waits_behind_acknowledgements_rumqttd_owes() {
         let routes = DirectRoutes::default();
         let (tx, _rx) = mpsc::channel(QUEUE);
-        let mut conn = ConnectionRoutes::new(&routes, 4, tx);
+        let mut conn = ConnectionRoutes::new(&routes, 4, tx, false);
         let acks = conn.broker_acks();
         let telemetry = publish(4, 0x32, "idgate/v1/devices/d-1/telemetry", b"t");
         let request = publish(4, 0x32, TOPIC, b"req");
@@ -884,7 +949,7 @@ mod tests {
         let reply = format!("{TOPIC}/accepted");
         let request = publish(4, 0x30, TOPIC, b"req");
         {
-            let mut watcher = ConnectionRoutes::new(&routes, 4, tx.clone());
+            let mut watcher = ConnectionRoutes::new(&routes, 4, tx.clone(), false);
             // The CRL names no device: it changes nothing.
             route_all(&mut watcher, &subscribe(4, 1, &["idgate/v1/crl"]));
             assert!(!routes.broker_wants(&reply));
@@ -893,14 +958,40 @@ mod tests {
             assert!(routes.broker_wants(&reply));
             assert!(routes.broker_wants(TOPIC));
             assert!(!routes.broker_wants("idgate/v1/devices/d-2/enroll/cbor/accepted"));
-            let mut other = ConnectionRoutes::new(&routes, 4, tx.clone());
+            let mut other = ConnectionRoutes::new(&routes, 4, tx.clone(), false);
             assert_eq!(route_all(&mut other, &request).0, request, "rumqttd's now");
             let d2 = publish(4, 0x30, "idgate/v1/devices/d-2/enroll/cbor", b"r");
             assert_eq!(route_all(&mut other, &d2).2.len(), 1);
         }
         assert!(!routes.broker_wants(&reply), "gone with the connection");
-        let mut conn = ConnectionRoutes::new(&routes, 4, tx);
+        let mut conn = ConnectionRoutes::new(&routes, 4, tx, false);
         assert_eq!(route_all(&mut conn, &request).2.len(), 1);
+    }
+
+    #[test]
+    fn persistent_sessions_are_left_to_rumqttd() {
+        let routes = DirectRoutes::default();
+        let (tx, _rx) = mpsc::channel(QUEUE);
+        let reply = format!("{TOPIC}/accepted");
+        {
+            let mut kept = ConnectionRoutes::new(&routes, 4, tx.clone(), true);
+            // Its reply subscription and its requests go to rumqttd, which
+            // keeps the subscription for the next connection.
+            let subscription = subscribe(4, 1, &[&format!("{TOPIC}/+")]);
+            assert_eq!(route_all(&mut kept, &subscription).0, subscription);
+            let request = publish(4, 0x32, TOPIC, b"r");
+            assert_eq!(route_all(&mut kept, &request).0, request);
+        }
+        assert!(routes.broker_wants(&reply), "kept after the connection");
+        assert_eq!(routes.filters(), 0);
+        // rumqttd may hold the session until the client id connects clean.
+        assert!(!routes.note_session("dev-1", true));
+        assert!(routes.note_session("dev-1", true));
+        assert!(
+            routes.note_session("dev-1", false),
+            "this one must reach rumqttd"
+        );
+        assert!(!routes.note_session("dev-1", false));
     }
 
     #[test]
@@ -961,10 +1052,32 @@ mod tests {
     }
 
     #[test]
+    fn nothing_goes_before_connack_or_inside_a_packet() {
+        let mut b = Boundaries::before_connack();
+        assert!(!b.at_boundary());
+        // CONNACK, then PUBLISH (2-byte body) and PUBACK in one read: taken
+        // one packet at a time.
+        let stream = [0x20, 2, 0, 0, 0x30, 2, 0, 0, 0x40, 2, 0, 1];
+        assert_eq!(b.advance_to_boundary(&stream), (4, 0));
+        assert!(b.at_boundary());
+        assert_eq!(b.advance_to_boundary(&stream[4..]), (4, 0));
+        assert_eq!(b.advance_to_boundary(&stream[8..]), (4, 1));
+        assert!(b.at_boundary());
+        // A packet split across reads: no boundary until its end.
+        assert_eq!(b.advance_to_boundary(&[0x30, 3, 0]), (3, 0));
+        assert!(!b.at_boundary());
+        assert_eq!(b.advance_to_boundary(&[1, b'x', 0xd0, 0]), (2, 0));
+        assert!(b.at_boundary());
+        // PINGRESP: an empty body ends the packet at its length byte.
+        assert_eq!(b.advance_to_boundary(&[0xd0, 0, 0x40]), (2, 0));
+        assert!(Boundaries::default().at_boundary());
+    }
+
+    #[test]
     fn malformed_input_never_panics() {
         let routes = DirectRoutes::default();
         let (tx, _rx) = mpsc::channel(QUEUE);
-        let mut subs = ConnectionRoutes::new(&routes, 4, tx);
+        let mut subs = ConnectionRoutes::new(&routes, 4, tx, false);
         for input in [
             &[0x82][..],
             &[0x82, 0x05, 0, 1, 0, 9, b'a'],

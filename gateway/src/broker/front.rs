@@ -455,14 +455,19 @@ async fn connection(
         // only rumqttd serves, and a device that only enrolls or renews
         // never costs one (two sockets, rumqttd's buffers and tasks). MQTT 5
         // clients get rumqttd's own CONNACK, whose properties describe it.
-        let lazy = connect.level == 4 && !terms.stateful;
+        // A clean connection of a client id whose persistent session
+        // rumqttd may still hold must reach rumqttd, which then discards it.
+        let held = front
+            .upstream
+            .direct
+            .note_session(&terms.client_id, terms.persistent);
+        let lazy = connect.level == 4 && !terms.stateful && !held;
         let (reader_tx, reader_rx) = tokio::sync::oneshot::channel();
         let mut reader_tx = Some(reader_tx);
         let mut broker_write = None;
         if lazy {
-            tls.write_all(&[0x20, 0x02, 0x00, 0x00])
-                .await
-                .map_err(|e| format!("client write: {e}"))?;
+            write_client(&mut tls, &[0x20, 0x02, 0x00, 0x00]).await?;
+            flush_client(&mut tls).await?;
         } else {
             let (read, write) = open_upstream(front, connect.level, &connect_bytes).await?;
             if let Some(reader_tx) = reader_tx.take() {
@@ -477,8 +482,12 @@ async fn connection(
         // to the service directly (see `direct`); the SUBACKs, PUBACKs and
         // replies come through `direct_rx`.
         let (direct_tx, mut direct_rx) = tokio::sync::mpsc::channel(direct::QUEUE);
-        let mut routes =
-            direct::ConnectionRoutes::new(&front.upstream.direct, connect.level, direct_tx.clone());
+        let mut routes = direct::ConnectionRoutes::new(
+            &front.upstream.direct,
+            connect.level,
+            direct_tx.clone(),
+            terms.persistent,
+        );
         let broker_acks = routes.broker_acks();
         // Without rumqttd, the front enforces the keep-alive (1.5 times the
         // interval, as a broker does).
@@ -562,7 +571,12 @@ async fn connection(
         };
         let outbound = async {
             let mut buffer = vec![0u8; RELAY_BUFFER];
-            let mut boundaries = direct::Boundaries::default();
+            // A lazy connection had the front's CONNACK already.
+            let mut boundaries = if lazy {
+                direct::Boundaries::default()
+            } else {
+                direct::Boundaries::before_connack()
+            };
             let mut broker_read: Option<tokio::net::tcp::OwnedReadHalf> = None;
             let mut reader_rx = Some(reader_rx);
             loop {
@@ -570,10 +584,11 @@ async fn connection(
                     biased;
                     // A direct packet goes out only between two of rumqttd's.
                     Some(packet) = direct_rx.recv(), if boundaries.at_boundary() => {
-                        client_write
-                            .write_all(&packet)
-                            .await
-                            .map_err(|e| format!("client write: {e}"))?;
+                        write_client(&mut client_write, &packet).await?;
+                        while let Ok(packet) = direct_rx.try_recv() {
+                            write_client(&mut client_write, &packet).await?;
+                        }
+                        flush_client(&mut client_write).await?;
                         continue;
                     }
                     Some(read) = next_link(&mut reader_rx) => {
@@ -585,12 +600,6 @@ async fn connection(
                 if n == 0 {
                     return Ok::<_, String>(());
                 }
-                let pubacks = boundaries.advance(&buffer[..n]);
-                if pubacks > 0 {
-                    let _ = broker_acks.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                        Some(v.saturating_sub(pubacks))
-                    });
-                }
                 // rumqttd's sockets use Nagle's algorithm: it holds a reply
                 // back until its previous small segment (the PUBACK of the
                 // request, say) is acknowledged, and a delayed ACK from us
@@ -598,10 +607,26 @@ async fn connection(
                 if let Some(read) = &broker_read {
                     let _ = socket2::SockRef::from(read.as_ref()).set_tcp_quickack(true);
                 }
-                client_write
-                    .write_all(&buffer[..n])
-                    .await
-                    .map_err(|e| format!("client write: {e}"))?;
+                // Packet by packet: a direct packet already queued (the
+                // PUBACK of a request, say) goes out at the first boundary,
+                // before anything rumqttd sent after it.
+                let mut rest = &buffer[..n];
+                while !rest.is_empty() {
+                    let (used, pubacks) = boundaries.advance_to_boundary(rest);
+                    if pubacks > 0 {
+                        let _ = broker_acks.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                            Some(v.saturating_sub(pubacks))
+                        });
+                    }
+                    write_client(&mut client_write, &rest[..used]).await?;
+                    rest = &rest[used..];
+                    if boundaries.at_boundary() {
+                        while let Ok(packet) = direct_rx.try_recv() {
+                            write_client(&mut client_write, &packet).await?;
+                        }
+                    }
+                }
+                flush_client(&mut client_write).await?;
             }
         };
         let outcome = tokio::select! {
@@ -618,9 +643,9 @@ async fn connection(
             .as_ref()
             .and_then(|refusal| guard::disconnect_packet(connect.level, refusal))
         {
-            let _ = client_write.write_all(&packet).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, client_write.write_all(&packet)).await;
         }
-        let _ = client_write.shutdown().await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, client_write.shutdown()).await;
         outcome
     }
     .await;
@@ -640,6 +665,34 @@ async fn next_link<T>(slot: &mut Option<tokio::sync::oneshot::Receiver<T>>) -> O
     let link = receiver.await.ok();
     *slot = None;
     link
+}
+
+/// How long a client may take to accept what we write; a client that stops
+/// reading is closed instead of holding its connection (and a slot) for ever.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the goodbye (DISCONNECT, TLS close_notify) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes to the client, within [`CLIENT_WRITE_TIMEOUT`].
+async fn write_client(
+    client: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> Result<(), String> {
+    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, client.write_all(bytes))
+        .await
+        .map_err(|_| "client stopped reading".to_owned())?
+        .map_err(|e| format!("client write: {e}"))
+}
+
+/// Pushes out what the TLS layer still holds: tokio-rustls takes bytes
+/// into its buffer and reports them written even when the socket would
+/// block, and only a flush (or the next write) sends the rest.
+async fn flush_client(client: &mut (impl tokio::io::AsyncWrite + Unpin)) -> Result<(), String> {
+    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, client.flush())
+        .await
+        .map_err(|_| "client stopped reading".to_owned())?
+        .map_err(|e| format!("client write: {e}"))
 }
 
 /// Reads from rumqttd once the link is open; until then, never.

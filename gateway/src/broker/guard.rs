@@ -159,8 +159,12 @@ pub fn admit_connect(identity: &Identity, connect: &[u8]) -> Result<Vec<u8>, Ref
 pub struct SessionTerms {
     /// The client id the broker sees (after [`admit_connect`]).
     pub client_id: String,
-    /// Whether the broker has state to keep or act on for this client beyond
-    /// the connection: a persistent session (Clean Session 0) or a will.
+    /// Whether rumqttd may keep (or hold from before) a session for this
+    /// client id beyond the connection: Clean Session 0 (3.1.1), or Clean
+    /// Start 0 or a Session Expiry Interval (5).
+    pub persistent: bool,
+    /// Whether the broker has state to act on for this client beyond the
+    /// connection: a persistent session or a will.
     pub stateful: bool,
     /// The keep-alive interval in seconds (0: none).
     pub keep_alive: u16,
@@ -169,9 +173,11 @@ pub struct SessionTerms {
 /// The [`SessionTerms`] of a CONNECT that [`admit_connect`] returned.
 pub fn session_terms(admitted: &[u8]) -> Result<SessionTerms, Refusal> {
     let parsed = parse_connect(admitted)?;
+    let persistent = !parsed.clean_start || parsed.session_expiry;
     Ok(SessionTerms {
         client_id: parsed.client_id.to_owned(),
-        stateful: !parsed.clean_start || parsed.will_topic.is_some(),
+        persistent,
+        stateful: persistent || parsed.will_topic.is_some(),
         keep_alive: parsed.keep_alive,
     })
 }
@@ -449,6 +455,8 @@ impl Guard {
 #[derive(Debug)]
 struct Connect<'a> {
     clean_start: bool,
+    /// MQTT 5: a Session Expiry Interval above zero.
+    session_expiry: bool,
     keep_alive: u16,
     client_id: &'a str,
     /// Where the client id, length prefix included, lies in the packet.
@@ -489,9 +497,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
         return Err(Refusal::Malformed);
     }
     let keep_alive = r.u16()?;
-    if v5 {
-        properties(&mut r)?;
-    }
+    let session_expiry = v5 && properties(&mut r)?.session_expiry;
     let start = r.position();
     let client_id = r.string()?;
     let client_id_span = (start, r.position());
@@ -514,6 +520,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     r.end()?;
     Ok(Connect {
         clean_start: flags & 0x02 != 0,
+        session_expiry,
         keep_alive,
         client_id,
         client_id_span,
@@ -617,6 +624,9 @@ fn reason_and_properties(r: &mut Reader<'_>) -> Result<(), Refusal> {
 #[derive(Debug, Default)]
 struct Properties {
     topic_alias: bool,
+    /// A Session Expiry Interval above zero (CONNECT): the session outlives
+    /// the connection.
+    session_expiry: bool,
 }
 
 /// Parses an MQTT 5 property block (length, then identifier/value pairs);
@@ -637,7 +647,10 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
                 p.u16()?;
                 found.topic_alias = true;
             }
-            0x02 | 0x11 | 0x18 | 0x27 => {
+            0x11 => {
+                found.session_expiry = p.u32()? > 0;
+            }
+            0x02 | 0x18 | 0x27 => {
                 p.u32()?;
             }
             0x0b => {
@@ -1131,15 +1144,25 @@ mod tests {
             let mut connect = C::new(level, "dev-1");
             assert!(!session_terms(&connect.encode()).unwrap().stateful);
             connect.clean = false;
-            assert!(session_terms(&connect.encode()).unwrap().stateful);
+            let terms = session_terms(&connect.encode()).unwrap();
+            assert!(terms.stateful && terms.persistent);
             connect.clean = true;
+            if level == 5 {
+                // Clean Start with a Session Expiry Interval: kept after all.
+                connect.properties = vec![0x11, 0, 0, 0, 60];
+                assert!(session_terms(&connect.encode()).unwrap().persistent);
+                connect.properties = vec![0x11, 0, 0, 0, 0];
+                assert!(!session_terms(&connect.encode()).unwrap().persistent);
+                connect.properties.clear();
+            }
             connect.will = Some(build::Will {
                 properties: Vec::new(),
                 topic: "idgate/v1/devices/dev-1/status".to_owned(),
                 payload: b"gone".to_vec(),
             });
             let admitted = admit_connect(&device, &connect.encode()).unwrap();
-            assert!(session_terms(&admitted).unwrap().stateful, "a will");
+            let terms = session_terms(&admitted).unwrap();
+            assert!(terms.stateful && !terms.persistent, "a will");
         }
         assert_eq!(session_terms(&[0x10, 0]), Err(Refusal::Malformed));
     }

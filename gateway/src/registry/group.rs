@@ -282,7 +282,7 @@ async fn statements(
     query.execute(&mut **tx).await?;
 
     // Which station enrolled which device (the creation chain).
-    let relayed: Vec<(&Issuance, &str)> = issuances
+    let relayed: Vec<(&Issuance, &str)> = enrollments
         .iter()
         .filter_map(|i| i.station.as_deref().map(|s| (*i, s)))
         .collect();

@@ -807,9 +807,15 @@ impl Registry {
         stats
             .records
             .fetch_add(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if matches!(group::write(&mut tx, group, self.backend).await, Ok(true)) {
-            tx.commit().await?;
-            return Ok(group.iter().map(|_| Ok(())).collect());
+        match group::write(&mut tx, group, self.backend).await {
+            Ok(true) => {
+                tx.commit().await?;
+                return Ok(group.iter().map(|_| Ok(())).collect());
+            }
+            Ok(false) => {}
+            // A unique key taken by another replica, or a database error the
+            // per-record path will meet too; either way it decides.
+            Err(e) => tracing::warn!(error = %e, "group commit: writing the group at once failed"),
         }
         tx.rollback().await?;
         stats

@@ -330,3 +330,47 @@ async fn the_front_keeps_the_keep_alive() {
     assert!(closed.is_ok_and(|r| r.is_ok()));
     h.gateway.shutdown().await;
 }
+
+/// A persistent session is rumqttd's: its subscriptions outlive the
+/// connection, and what they match keeps going through rumqttd after the
+/// device comes back without subscribing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_its_subscriptions() {
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let identity = h.identity_for("dev-p");
+    let port = h.gateway.mqtt_address().port();
+    let persistent = |o: &mut rumqttc::MqttOptions| {
+        o.set_clean_session(false);
+    };
+    let mut first =
+        RawClient::try_connect_with(&h.root_ca(), port, "dev-p", Some(&identity), persistent)
+            .await
+            .unwrap();
+    first
+        .subscribe("idgate/v1/devices/dev-p/renew/cbor/+")
+        .await
+        .unwrap();
+    drop(first);
+    // Back, with the same session and no SUBSCRIBE: the reply still comes.
+    let mut again =
+        RawClient::try_connect_with(&h.root_ca(), port, "dev-p", Some(&identity), persistent)
+            .await
+            .unwrap();
+    again
+        .send("idgate/v1/devices/dev-p/renew/cbor", b"not cbor".to_vec())
+        .await;
+    let (topic, _) = again.next_publish().await;
+    assert_eq!(topic, "idgate/v1/devices/dev-p/renew/cbor/rejected");
+    drop(again);
+    // A clean connection ends the session, in rumqttd too: nothing comes
+    // without a subscription now.
+    let mut clean = h.client_as("dev-p", &identity).await.unwrap();
+    clean
+        .publish_and_ping("idgate/v1/devices/dev-p/renew/cbor", b"x".to_vec())
+        .await
+        .unwrap();
+    clean.subscribe("idgate/v1/crl").await.unwrap();
+    let (topic, _) = clean.next_publish().await;
+    assert_eq!(topic, "idgate/v1/crl", "no reply from the old session");
+    h.gateway.shutdown().await;
+}
