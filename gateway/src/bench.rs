@@ -399,6 +399,12 @@ async fn start_gateway(
     settings.mqtt_listen = ([127, 0, 0, 1], 0).into();
     settings.http_listen = ([127, 0, 0, 1], 0).into();
     settings.admin.listen = ([127, 0, 0, 1], 0).into();
+    // Each closed-loop connection stands for N/C devices and subscribes to
+    // their reply topics: measure the gateway, not the per-connection limit.
+    settings.limits.max_subscriptions = settings
+        .limits
+        .max_subscriptions
+        .max(2 * options.devices + 8);
     // Measure holding the fleet, not the front's admission limit.
     if options.keep_connected {
         settings.limits.max_connections = settings

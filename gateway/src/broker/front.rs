@@ -43,6 +43,9 @@ pub struct Limits {
     pub max_handshakes: usize,
     /// Connections at once; beyond, CONNACK "server busy".
     pub max_connections: usize,
+    /// Topic filters one connection may hold at once; beyond, the
+    /// connection is closed (MQTT 5: DISCONNECT 0x97, quota exceeded).
+    pub max_subscriptions: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 512,
             max_connections: 100_000,
+            max_subscriptions: guard::DEFAULT_MAX_SUBSCRIPTIONS,
         }
     }
 }
@@ -476,7 +480,8 @@ async fn connection(
             broker_write = Some(write);
         }
         let (mut client_read, mut client_write) = tokio::io::split(tls);
-        let mut guard = Guard::new(guard_identity, connect.level);
+        let mut guard = Guard::new(guard_identity, connect.level)
+            .with_max_subscriptions(limits.max_subscriptions);
         let mut refused = None;
         // Reply subscriptions are held here, not in rumqttd, and requests go
         // to the service directly (see `direct`); the SUBACKs, PUBACKs and

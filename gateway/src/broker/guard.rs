@@ -92,6 +92,9 @@ pub enum Refusal {
     /// A will message this identity may not set.
     #[error("will message not allowed")]
     WillNotAllowed,
+    /// More topic filters at once than the connection may hold.
+    #[error("more than {0} subscriptions on one connection")]
+    TooManySubscriptions(usize),
 }
 
 /// Checks a complete CONNECT packet (fixed header included) against
@@ -227,6 +230,8 @@ fn reason_v5(refusal: &Refusal) -> u8 {
     match refusal {
         Refusal::Malformed => 0x81,
         Refusal::TooLarge => 0x95,
+        // Quota exceeded.
+        Refusal::TooManySubscriptions(_) => 0x97,
         _ => 0x87,
     }
 }
@@ -241,7 +246,17 @@ pub struct Guard {
     pending: Vec<u8>,
     /// Set by the first refusal; the connection is then dead for good.
     refused: Option<Refusal>,
+    /// The filters subscribed to now (as far as SUBSCRIBE and UNSUBSCRIBE
+    /// tell), at most `max_filters`: every filter costs memory in the front
+    /// or in rumqttd, and a device needs a handful.
+    filters: std::collections::HashSet<String>,
+    max_filters: usize,
 }
+
+/// Filters a connection may hold at once unless the front says otherwise: a
+/// device needs its two reply topics per operation, the CRL, and a few of
+/// its own.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 64;
 
 /// What an [`Identity`] may do, prepared once per connection.
 #[derive(Debug)]
@@ -281,7 +296,15 @@ impl Guard {
             v5: protocol_level == 5,
             pending: Vec::new(),
             refused: None,
+            filters: std::collections::HashSet::new(),
+            max_filters: DEFAULT_MAX_SUBSCRIPTIONS,
         }
+    }
+
+    /// The same guard, allowing `max` filters at once.
+    pub fn with_max_subscriptions(mut self, max: usize) -> Guard {
+        self.max_filters = max;
+        self
     }
 
     /// Takes the next bytes from the client and appends to `forward` every
@@ -318,7 +341,7 @@ impl Guard {
 
     /// Passes on the complete packets at the start of `bytes`; returns how
     /// many bytes they took.
-    fn frames(&self, bytes: &[u8], forward: &mut Vec<u8>) -> Result<usize, Refusal> {
+    fn frames(&mut self, bytes: &[u8], forward: &mut Vec<u8>) -> Result<usize, Refusal> {
         let mut used = 0;
         loop {
             let rest = bytes.get(used..).unwrap_or_default();
@@ -344,7 +367,7 @@ impl Guard {
     }
 
     /// Checks one complete packet, given its first byte and its body.
-    fn inspect(&self, first: u8, body: &[u8]) -> Result<(), Refusal> {
+    fn inspect(&mut self, first: u8, body: &[u8]) -> Result<(), Refusal> {
         let mut r = Reader::new(body);
         match first >> 4 {
             PUBLISH => self.publish(first, &mut r)?,
@@ -396,7 +419,7 @@ impl Guard {
         }
     }
 
-    fn subscribe(&self, r: &mut Reader<'_>) -> Result<(), Refusal> {
+    fn subscribe(&mut self, r: &mut Reader<'_>) -> Result<(), Refusal> {
         packet_id(r)?;
         if self.v5 {
             properties(r)?;
@@ -431,12 +454,18 @@ impl Guard {
             if !allowed {
                 return Err(Refusal::FilterNotAllowed(quoted(filter)));
             }
+            if !self.filters.contains(filter) {
+                if self.filters.len() >= self.max_filters {
+                    return Err(Refusal::TooManySubscriptions(self.max_filters));
+                }
+                self.filters.insert(filter.to_owned());
+            }
         }
         Ok(())
     }
 
     /// Unsubscribing cannot widen access; only the framing is checked.
-    fn unsubscribe(&self, r: &mut Reader<'_>) -> Result<(), Refusal> {
+    fn unsubscribe(&mut self, r: &mut Reader<'_>) -> Result<(), Refusal> {
         packet_id(r)?;
         if self.v5 {
             properties(r)?;
@@ -445,7 +474,8 @@ impl Guard {
             return Err(Refusal::Malformed);
         }
         while !r.is_empty() {
-            r.string()?;
+            let filter = r.string()?;
+            self.filters.remove(filter);
         }
         Ok(())
     }
@@ -1127,6 +1157,50 @@ mod tests {
         let device = Identity::Device("dev-1".to_owned());
         let admitted = admit_connect(&device, &connect.encode()).unwrap();
         assert!(!parse_connect(&admitted).unwrap().clean_start);
+    }
+
+    #[test]
+    fn subscriptions_are_capped_per_connection() {
+        let mut guard = Guard::new(Identity::Anonymous, 4).with_max_subscriptions(3);
+        let reply = |i: usize| format!("idgate/v1/devices/d-{i}/enroll/cbor/+");
+        let mut forward = Vec::new();
+        for i in 0..3 {
+            guard
+                .feed(
+                    &build::subscribe(4, &[(reply(i).as_str(), 1)]),
+                    &mut forward,
+                )
+                .unwrap();
+        }
+        // The same filter again takes no more room; unsubscribing frees it.
+        guard
+            .feed(
+                &build::subscribe(4, &[(reply(0).as_str(), 1)]),
+                &mut forward,
+            )
+            .unwrap();
+        guard
+            .feed(&build::unsubscribe(4, &[reply(0).as_str()]), &mut forward)
+            .unwrap();
+        guard
+            .feed(
+                &build::subscribe(4, &[(reply(3).as_str(), 1)]),
+                &mut forward,
+            )
+            .unwrap();
+        let before = forward.len();
+        assert_eq!(
+            guard.feed(
+                &build::subscribe(4, &[(reply(4).as_str(), 1)]),
+                &mut forward
+            ),
+            Err(Refusal::TooManySubscriptions(3))
+        );
+        assert_eq!(forward.len(), before, "nothing of it passed");
+        assert_eq!(
+            disconnect_packet(5, &Refusal::TooManySubscriptions(3)),
+            Some(vec![0xe0, 2, 0x97, 0])
+        );
     }
 
     #[test]
