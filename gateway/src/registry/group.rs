@@ -162,24 +162,17 @@ async fn statements(
             case("device_id", &pairs),
             list(&pairs)
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for issuance in &enrollments {
-            query = query
-                .bind(&issuance.certificate.device_id)
-                .bind(issuance.certificate.issued_at);
-        }
-        if query.execute(&mut **tx).await?.rows_affected() != enrollments.len() as u64 {
-            return Ok(false);
-        }
-        // The devices: pending until now.
-        let mut query = sqlx::query(AssertSqlSafe(activate_sql(enrollments.len(), status)));
-        for issuance in &enrollments {
-            query = query
-                .bind(&issuance.certificate.device_id)
-                .bind(issuance.certificate.issued_at);
-        }
-        if query.execute(&mut **tx).await?.rows_affected() != enrollments.len() as u64 {
-            return Ok(false);
+        // Then the devices: pending until now. Both bind (id, time) per device.
+        for sql in [sql, activate_sql(enrollments.len(), status)] {
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for issuance in &enrollments {
+                query = query
+                    .bind(&issuance.certificate.device_id)
+                    .bind(issuance.certificate.issued_at);
+            }
+            if query.execute(&mut **tx).await?.rows_affected() != enrollments.len() as u64 {
+                return Ok(false);
+            }
         }
     }
 
@@ -312,15 +305,7 @@ async fn statements(
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for entry in audits {
-        query = query
-            .bind(&entry.id)
-            .bind(entry.at)
-            .bind(&entry.actor)
-            .bind(&entry.action)
-            .bind(entry.device_id.clone())
-            .bind(entry.serial.clone())
-            .bind(&entry.outcome)
-            .bind(&entry.detail);
+        query = super::bind_audit(query, entry);
     }
     query.execute(&mut **tx).await?;
     Ok(true)

@@ -1252,21 +1252,28 @@ async fn insert_audit(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     entry: &AuditEntry,
 ) -> Result<(), RegistryError> {
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO audit_log (id, at, actor, action, device_id, serial, outcome, detail) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(&entry.id)
-    .bind(entry.at)
-    .bind(&entry.actor)
-    .bind(&entry.action)
-    .bind(entry.device_id.clone())
-    .bind(entry.serial.clone())
-    .bind(&entry.outcome)
-    .bind(&entry.detail)
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_audit(query, entry).execute(&mut **tx).await?;
     Ok(())
+}
+
+/// Binds the eight `audit_log` columns of `entry`, in table order.
+fn bind_audit<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    entry: &'q AuditEntry,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    query
+        .bind(&entry.id)
+        .bind(entry.at)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(entry.device_id.clone())
+        .bind(entry.serial.clone())
+        .bind(&entry.outcome)
+        .bind(&entry.detail)
 }
 
 /// Refuses a rid that was answered meanwhile (a concurrent duplicate).
