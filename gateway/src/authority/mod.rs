@@ -294,9 +294,11 @@ impl Authority {
                 "the device is no longer pending",
             )),
             Err(IssuanceError::KeyReused) => Err(key_reused()),
-            Err(IssuanceError::NotActive | IssuanceError::CounterNotGreater) => {
-                Err(Rejection::internal())
-            }
+            Err(
+                IssuanceError::NotActive
+                | IssuanceError::CounterNotGreater
+                | IssuanceError::RenewedElsewhere,
+            ) => Err(Rejection::internal()),
             Err(IssuanceError::Registry(e)) => Err(internal(&e)),
         }
     }

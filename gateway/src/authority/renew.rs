@@ -132,17 +132,10 @@ impl Authority {
                 "a renewal must bring a new key, not the current one",
             ));
         }
-        // The successors come from the context read, not from the recording
-        // transaction: another renewal of this certificate recorded in
-        // between is noticed there only through the counter (ours is
-        // refused unless it is greater).
+        // Checked again in the recording transaction, for a renewal of this
+        // certificate recorded in between (`RenewedElsewhere`).
         if context.successor_keys.any_other_than(&csr.key_fingerprint) {
-            let rejection = Rejection::new(
-                RejectCode::CloneSuspected,
-                "this certificate was already renewed for a different key (cloned device?); the device is now suspect",
-            );
-            self.suspect(&device, &rejection, now).await;
-            return Err(rejection);
+            return Err(self.clone_suspected(&device, now).await);
         }
         let issuance = self.sign(
             RENEW,
@@ -191,10 +184,22 @@ impl Authority {
                     .and_then(status_refusal)
                     .unwrap_or_else(Rejection::internal))
             }
+            Err(IssuanceError::RenewedElsewhere) => Err(self.clone_suspected(&device, now).await),
             Err(IssuanceError::KeyReused) => Err(key_reused()),
             Err(IssuanceError::TokenUsed | IssuanceError::NotPending) => Err(Rejection::internal()),
             Err(IssuanceError::Registry(e)) => Err(internal(&e)),
         }
+    }
+
+    /// The refusal of a second renewal of one certificate for another key:
+    /// the device is marked suspect.
+    async fn clone_suspected(&self, device: &Device, now: i64) -> Rejection {
+        let rejection = Rejection::new(
+            RejectCode::CloneSuspected,
+            "this certificate was already renewed for a different key (cloned device?); the device is now suspect",
+        );
+        self.suspect(device, &rejection, now).await;
+        rejection
     }
 
     /// Marks the device suspect and audits why.

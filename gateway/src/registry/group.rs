@@ -190,6 +190,31 @@ async fn statements(
         }
     }
 
+    // No certificate renewed meanwhile for another key (see write_renewal).
+    if !renewals.is_empty() {
+        let mut p = Placeholders::default();
+        let placeholders: Vec<String> = renewals.iter().map(|_| p.next()).collect();
+        let sql = format!(
+            "SELECT renewed_from, key_fingerprint FROM certificates WHERE renewed_from IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (issuance, _) in &renewals {
+            query = query.bind(issuance.certificate.renewed_from.clone());
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let from: String = row.try_get("renewed_from")?;
+            let key: Vec<u8> = row.try_get("key_fingerprint")?;
+            let same_key = renewals.iter().any(|(i, _)| {
+                i.certificate.renewed_from.as_deref() == Some(from.as_str())
+                    && i.certificate.key_fingerprint == key
+            });
+            if !same_key {
+                return Ok(false);
+            }
+        }
+    }
+
     // The keys: each bound to its own device only. A key already bound (a
     // renewal that kept its key) must be bound to the same device.
     let mut keys: HashMap<&[u8], &Issuance> = HashMap::new();

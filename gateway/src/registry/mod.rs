@@ -305,6 +305,9 @@ pub enum IssuanceError {
     /// Renewal: a renewal with an equal or greater counter was recorded meanwhile.
     #[error("the renewal counter did not grow")]
     CounterNotGreater,
+    /// Renewal: the certificate was renewed meanwhile for a different key.
+    #[error("the certificate was already renewed for a different key")]
+    RenewedElsewhere,
     /// The database failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -1169,6 +1172,21 @@ async fn write_renewal(
         } else {
             IssuanceError::NotActive
         });
+    }
+    if let Some(from) = &issuance.certificate.renewed_from {
+        // The renewal's context read saw no successor with another key; one
+        // recorded since then (a clone racing the device) is caught here.
+        let other = sqlx::query(
+            "SELECT 1 FROM certificates WHERE renewed_from = $1 AND key_fingerprint <> $2",
+        )
+        .bind(from)
+        .bind(issuance.certificate.key_fingerprint.clone())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(RegistryError::from)?;
+        if other.is_some() {
+            return Err(IssuanceError::RenewedElsewhere);
+        }
     }
     store_issuance(tx, issuance).await?;
     insert_audit(tx, audit).await?;

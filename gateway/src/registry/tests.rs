@@ -9,6 +9,7 @@ on_both_backends!(
     batch_counts_follow_enrollment,
     group_commit_refuses_records_alone,
     group_commit_writes_a_clean_group_at_once,
+    a_certificate_is_renewed_for_one_key,
     duplicate_devices_are_refused,
     enrollment_is_recorded_once,
     enrollment_context_reads_device_credential_and_rid,
@@ -335,14 +336,18 @@ async fn renewal_context_reads_certificate_successors_and_rid(db: TestDatabase) 
         context("r9", "4001").await.successor_keys,
         SuccessorKeys::One(vec![2; 32])
     );
-    registry
-        .record_renewal(
-            &renewal("d1", "4004", "4001", 3, "r3", 1_000),
-            3,
-            &renew_audit(),
-        )
-        .await
-        .unwrap();
+    // A second key for 4001: a clone's renewal that raced the device's. The
+    // registry refuses to record one (`RenewedElsewhere`), so the row is
+    // written directly, as a registry from before that check may hold it.
+    sqlx::query(
+        "INSERT INTO certificates (serial, device_id, key_fingerprint, not_before, not_after, \
+         issued_at, der, renewed_from) VALUES ('4004', 'd1', $1, 100, 1000, 150, $2, '4001')",
+    )
+    .bind(vec![3u8; 32])
+    .bind(vec![0x30u8, 0x00])
+    .execute(&registry.pool)
+    .await
+    .unwrap();
     let several = context("r9", "4001").await.successor_keys;
     assert_eq!(several, SuccessorKeys::Several);
     assert!(several.any_other_than(&[2; 32]));
@@ -513,7 +518,7 @@ async fn revoke_suspend_resume_track_certificates(db: TestDatabase) {
     // An expired certificate is left alone by every change.
     registry
         .record_renewal(
-            &renewal("d1", "4000", "4001", 3, "r0", 50),
+            &renewal("d1", "4000", "4002", 3, "r0", 50),
             2,
             &renew_audit(),
         )
@@ -942,4 +947,36 @@ async fn futures_join(
     }
     let registry = std::sync::Arc::into_inner(registry).unwrap();
     (registry, outcomes)
+}
+
+async fn a_certificate_is_renewed_for_one_key(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    enrolled(&registry, "d1", "5001", 1).await;
+    let audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
+    registry
+        .record_renewal(&renewal("d1", "5002", "5001", 2, "r1", 1_000), 2, &audit())
+        .await
+        .unwrap();
+    // A second renewal of 5001 for another key, its counter greater (a
+    // clone that read before the first was recorded): refused in the
+    // transaction, alone or in a group.
+    let again = registry
+        .record_renewal(&renewal("d1", "5003", "5001", 3, "r2", 1_000), 3, &audit())
+        .await;
+    assert!(
+        matches!(again, Err(IssuanceError::RenewedElsewhere)),
+        "{again:?}"
+    );
+    assert!(registry.certificate("5003").await.unwrap().is_none());
+    assert_eq!(
+        registry.device("d1").await.unwrap().unwrap().renew_counter,
+        2
+    );
+    assert_eq!(
+        registry.commit_stats().per_record,
+        1,
+        "found by the group path"
+    );
 }
