@@ -318,6 +318,12 @@ impl<'a> ConnectionRoutes<'a> {
             let end = header + length;
             let (packet, tail) = rest.split_at(end);
             rest = tail;
+            if packet[0] >> 4 == 14 {
+                // DISCONNECT: the client sends nothing after it (MQTT
+                // 3.14.4); whatever followed in the same read is dropped.
+                to_broker.extend_from_slice(packet);
+                return;
+            }
             let body = &packet[header..];
             let answer = match packet[0] {
                 _ if self.persistent => None,
@@ -1026,6 +1032,18 @@ mod tests {
         assert!(matches_filter("a/#", "a/b/c"));
         assert!(!matches_filter("a/+", "a/b/c"));
         assert!(!matches_filter("a/+/c/d", "a/b/c"));
+    }
+
+    #[test]
+    fn nothing_after_disconnect_is_routed() {
+        let routes = DirectRoutes::default();
+        let (tx, _rx) = mpsc::channel(QUEUE);
+        let mut conn = ConnectionRoutes::new(&routes, 4, tx, false);
+        let mut input = vec![0xe0, 0];
+        input.extend_from_slice(&publish(4, 0x32, TOPIC, b"late"));
+        let (to_broker, answers, requests) = route_all(&mut conn, &input);
+        assert_eq!(to_broker, [0xe0, 0]);
+        assert!(answers.is_empty() && requests.is_empty());
     }
 
     #[test]
