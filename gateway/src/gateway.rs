@@ -90,6 +90,8 @@ pub struct Gateway {
     registry: Arc<Registry>,
     sessions: Arc<Sessions>,
     revocation: watch::Receiver<Arc<RevocationState>>,
+    /// The service's request queue (only its depth is read here).
+    service_queue: tokio::sync::mpsc::Sender<crate::broker::Message>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -183,6 +185,7 @@ impl Gateway {
             },
             stopped.clone(),
         ));
+        let service_queue = upstream.requests.clone();
         let front = Front::new(
             tls_rx,
             upstream,
@@ -221,6 +224,7 @@ impl Gateway {
             registry,
             sessions,
             revocation: applied_rx,
+            service_queue,
             stop,
             tasks,
         })
@@ -254,6 +258,12 @@ impl Gateway {
     /// Live MQTT sessions.
     pub fn sessions(&self) -> &Arc<Sessions> {
         &self.sessions
+    }
+
+    /// Requests waiting for the enrollment service (a registry that is
+    /// slow or gone shows here first).
+    pub fn waiting_requests(&self) -> usize {
+        self.service_queue.max_capacity() - self.service_queue.capacity()
     }
 
     /// The revocation state in force: it changes once a rebuilt state has

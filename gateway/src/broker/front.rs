@@ -24,6 +24,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -498,6 +499,7 @@ async fn connection(
         // interval, as a broker does).
         let idle_limit = (terms.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(terms.keep_alive) * 1500));
+        let waiting = Arc::new(Semaphore::new(WAITING_REQUESTS));
         let inbound = async {
             let mut buffer = vec![0u8; RELAY_BUFFER];
             let mut forward = Vec::new();
@@ -545,12 +547,30 @@ async fn connection(
                         .map_err(|_| "connection closing".to_owned())?;
                 }
                 for request in requests.drain(..) {
-                    front
-                        .upstream
-                        .requests
-                        .send(request)
-                        .await
-                        .map_err(|_| "the service has stopped".to_owned())?;
+                    let service = &front.upstream.requests;
+                    match service.try_send(request) {
+                        Ok(()) => {}
+                        Err(TrySendError::Closed(_)) => {
+                            return Err("the service has stopped".to_owned());
+                        }
+                        // The service is behind (a registry stall, a storm):
+                        // a few requests of this connection wait on their
+                        // own, so that it still reads — and answers PINGREQ
+                        // — instead of dropping devices whose keep-alive is
+                        // short. Past that, the connection waits too.
+                        Err(TrySendError::Full(request)) => {
+                            let turn = waiting
+                                .clone()
+                                .acquire_owned()
+                                .await
+                                .map_err(|_| "connection closing".to_owned())?;
+                            let service = service.clone();
+                            tokio::spawn(async move {
+                                let _ = service.send(request).await;
+                                drop(turn);
+                            });
+                        }
+                    }
                 }
                 let writer = broker_write.as_mut();
                 if let Err(refusal) = fed {
@@ -671,6 +691,10 @@ async fn next_link<T>(slot: &mut Option<tokio::sync::oneshot::Receiver<T>>) -> O
     *slot = None;
     link
 }
+
+/// Requests of one connection that may wait for room in the service's
+/// queue while the connection goes on reading.
+const WAITING_REQUESTS: usize = 4;
 
 /// How long a client may take to accept what we write; a client that stops
 /// reading is closed instead of holding its connection (and a slot) for ever.

@@ -374,3 +374,78 @@ async fn a_persistent_session_keeps_its_subscriptions() {
     assert_eq!(topic, "idgate/v1/crl", "no reply from the old session");
     h.gateway.shutdown().await;
 }
+
+/// While the service is behind (here: its registry writes wait for a lock),
+/// a device whose request is queued still gets its PINGREQs answered, so a
+/// stall does not drop the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered_while_the_service_is_behind() {
+    use sqlx::Connection;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    // Every refusal is audited, and the audit waits for this write lock
+    // (busy_timeout 10 s), so the service's workers all wait.
+    let mut lock = sqlx::SqliteConnection::connect(&h.database_url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let tls = idgate_tests::tls_trusting(&h.root_ca());
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let open = |id: &'static str| {
+        let connector = connector.clone();
+        let address = h.gateway.mqtt_address();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut stream = connector.connect(name, tcp).await.unwrap();
+            let mut connect = mqtt_string("MQTT");
+            connect.extend_from_slice(&[4, 0x02, 0, 60]);
+            connect.extend_from_slice(&mqtt_string(id));
+            stream.write_all(&packet(0x10, &connect)).await.unwrap();
+            let mut connack = [0u8; 4];
+            stream.read_exact(&mut connack).await.unwrap();
+            assert_eq!(connack, [0x20, 2, 0, 0]);
+            stream
+        }
+    };
+    let request = |device: &str| {
+        let mut body = mqtt_string(&format!("idgate/v1/devices/{device}/enroll/cbor"));
+        body.extend_from_slice(b"not cbor");
+        packet(0x30, &body)
+    };
+
+    // Fill the service's queue from one connection.
+    let mut flood = open("flood").await;
+    let garbage: Vec<u8> = (0..6_000).flat_map(|_| request("flood-1")).collect();
+    let flooding = tokio::spawn(async move {
+        let _ = flood.write_all(&garbage).await;
+        flood
+    });
+    let gateway = &h.gateway;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gateway.waiting_requests() < 4096 {
+        assert!(Instant::now() < deadline, "the queue never filled");
+        tokio::task::yield_now().await;
+    }
+
+    // Another device: its request finds the queue full; its ping is still
+    // answered.
+    let mut device = open("patient").await;
+    device.write_all(&request("patient-1")).await.unwrap();
+    device.write_all(&[0xc0, 0]).await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), device.read_exact(&mut pong))
+        .await
+        .expect("no PINGRESP while the service is behind")
+        .unwrap();
+    assert_eq!(pong, [0xd0, 0]);
+    assert!(gateway.waiting_requests() >= 4096, "still behind");
+
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    drop(flooding);
+    h.gateway.shutdown().await;
+}
