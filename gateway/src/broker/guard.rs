@@ -152,6 +152,14 @@ pub fn admit_connect(identity: &Identity, connect: &[u8]) -> Result<Vec<u8>, Ref
             };
             let mut packet = replace_client_id(connect, &parsed, &client_id)?;
             force_clean_start(&mut packet)?;
+            // MQTT 5 keeps a session past the connection on a Session Expiry
+            // Interval alone, Clean Start or not: it becomes 0.
+            if let Some(at) = parse_connect(&packet)?.session_expiry_at {
+                packet
+                    .get_mut(at..at + 4)
+                    .ok_or(Refusal::Malformed)?
+                    .fill(0);
+            }
             Ok(packet)
         }
     }
@@ -487,6 +495,8 @@ struct Connect<'a> {
     clean_start: bool,
     /// MQTT 5: a Session Expiry Interval above zero.
     session_expiry: bool,
+    /// MQTT 5: where that interval's four bytes are in the packet.
+    session_expiry_at: Option<usize>,
     keep_alive: u16,
     client_id: &'a str,
     /// Where the client id, length prefix included, lies in the packet.
@@ -527,7 +537,12 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
         return Err(Refusal::Malformed);
     }
     let keep_alive = r.u16()?;
-    let session_expiry = v5 && properties(&mut r)?.session_expiry;
+    let (session_expiry, session_expiry_at) = if v5 {
+        let found = properties(&mut r)?;
+        (found.session_expiry, found.session_expiry_at)
+    } else {
+        (false, None)
+    };
     let start = r.position();
     let client_id = r.string()?;
     let client_id_span = (start, r.position());
@@ -551,6 +566,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     Ok(Connect {
         clean_start: flags & 0x02 != 0,
         session_expiry,
+        session_expiry_at,
         keep_alive,
         client_id,
         client_id_span,
@@ -657,12 +673,16 @@ struct Properties {
     /// A Session Expiry Interval above zero (CONNECT): the session outlives
     /// the connection.
     session_expiry: bool,
+    /// Where the Session Expiry Interval's four bytes are, as a position
+    /// of the reader the block was read from.
+    session_expiry_at: Option<usize>,
 }
 
 /// Parses an MQTT 5 property block (length, then identifier/value pairs);
 /// unknown identifiers are malformed.
 fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
     let len = r.varint()?;
+    let base = r.position();
     let mut p = Reader::new(r.take(len)?);
     let mut found = Properties::default();
     while !p.is_empty() {
@@ -678,6 +698,7 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
                 found.topic_alias = true;
             }
             0x11 => {
+                found.session_expiry_at = Some(base + p.position());
                 found.session_expiry = p.u32()? > 0;
             }
             0x02 | 0x18 | 0x27 => {
@@ -1128,6 +1149,11 @@ mod tests {
             let packet = connect.encode();
             let admitted = admit_connect(&Identity::Anonymous, &packet).unwrap();
             connect.client_id = "_anon.dev-1".to_owned();
+            if level == 5 {
+                // The sample's Session Expiry Interval (first property) is cleared.
+                assert_eq!(connect.properties[0], 0x11);
+                connect.properties[1..5].fill(0);
+            }
             assert_eq!(admitted, connect.encode());
             let parsed = parse_connect(&admitted).unwrap();
             assert_eq!(parsed.client_id, "_anon.dev-1");
@@ -1151,6 +1177,19 @@ mod tests {
                 "only the id and the flag changed"
             );
         }
+        // An MQTT 5 session expiry is cleared too (Clean Start alone would
+        // not end the session).
+        let mut connect = C::new(5, "dev-1");
+        connect.properties = vec![0x11, 0, 0, 0x0e, 0x10];
+        let admitted = admit_connect(&Identity::Anonymous, &connect.encode()).unwrap();
+        assert!(!session_terms(&admitted).unwrap().persistent);
+        connect.properties = vec![0x11, 0, 0, 0, 0];
+        connect.client_id = "_anon.dev-1".to_owned();
+        assert_eq!(
+            admitted,
+            connect.encode(),
+            "only the id and the interval changed"
+        );
         // A device keeps the session it asked for.
         let mut connect = C::new(4, "dev-1");
         connect.clean = false;
