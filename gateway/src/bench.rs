@@ -285,17 +285,7 @@ impl fmt::Display for CryptoCosts {
 /// Measures [`CryptoCosts`] on one core (about a second).
 fn crypto_costs() -> Result<CryptoCosts, BenchError> {
     let rng = SystemRandom::new();
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-            .map_err(|_| setup("cannot generate a P-256 key"))?;
-    let key = EcdsaKeyPair::from_pkcs8(
-        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-        pkcs8.as_ref(),
-        &rng,
-    )
-    .map_err(|e| setup(format!("P-256 key: {e}")))?;
-    let public =
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    let (key, public) = p256_key(&rng)?;
     let message = [0x5au8; 300];
     let sig = key
         .sign(&rng, &message)
@@ -1454,20 +1444,25 @@ fn crypto_ceiling() -> Result<(f64, f64, usize), BenchError> {
     Ok((one, all, cores))
 }
 
-fn sign_verify_rate(duration: Duration) -> Result<f64, BenchError> {
-    let rng = SystemRandom::new();
-    // ASN.1 signatures, as X.509 certificates and CSRs carry them.
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-            .map_err(|_| setup("cannot generate a P-256 key"))?;
+/// A fresh P-256 key pair for the crypto measurements, with ASN.1
+/// signatures, as X.509 certificates and CSRs carry them.
+fn p256_key(rng: &SystemRandom) -> Result<(EcdsaKeyPair, UnparsedPublicKey<Vec<u8>>), BenchError> {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+        .map_err(|_| setup("cannot generate a P-256 key"))?;
     let key = EcdsaKeyPair::from_pkcs8(
         &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
         pkcs8.as_ref(),
-        &rng,
+        rng,
     )
     .map_err(|e| setup(format!("P-256 key: {e}")))?;
     let public =
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    Ok((key, public))
+}
+
+fn sign_verify_rate(duration: Duration) -> Result<f64, BenchError> {
+    let rng = SystemRandom::new();
+    let (key, public) = p256_key(&rng)?;
     let message = [0x5au8; 300];
     let started = Instant::now();
     let mut pairs = 0u64;
