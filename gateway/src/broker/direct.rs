@@ -699,18 +699,6 @@ impl Boundaries {
         (bytes.len(), pubacks)
     }
 
-    /// Takes the next bytes of the stream; returns how many PUBACKs start
-    /// in them.
-    pub fn advance(&mut self, mut bytes: &[u8]) -> usize {
-        let mut pubacks = 0;
-        while !bytes.is_empty() {
-            let (used, found) = self.advance_to_boundary(bytes);
-            pubacks += found;
-            bytes = &bytes[used..];
-        }
-        pubacks
-    }
-
     /// Whether the stream is between two packets, after rumqttd's CONNACK.
     pub fn at_boundary(&self) -> bool {
         self.body == 0 && self.header == 0 && !self.lost && !self.before_connack
@@ -720,6 +708,18 @@ impl Boundaries {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes all of `bytes`, as the front does packet by packet; returns how
+    /// many PUBACKs start in them.
+    fn advance(b: &mut Boundaries, mut bytes: &[u8]) -> usize {
+        let mut pubacks = 0;
+        while !bytes.is_empty() {
+            let (used, found) = b.advance_to_boundary(bytes);
+            pubacks += found;
+            bytes = &bytes[used..];
+        }
+        pubacks
+    }
 
     const TOPIC: &str = "idgate/v1/devices/d-1/enroll/cbor";
 
@@ -831,13 +831,13 @@ mod tests {
         stream.extend_from_slice(&publish);
         let mut ends = Vec::new();
         for (i, byte) in stream.iter().enumerate() {
-            b.advance(std::slice::from_ref(byte));
+            advance(&mut b, std::slice::from_ref(byte));
             if b.at_boundary() {
                 ends.push(i + 1);
             }
         }
         assert_eq!(ends, vec![4, stream.len()]);
-        b.advance(&[0x30, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        advance(&mut b, &[0x30, 0xff, 0xff, 0xff, 0xff, 0xff]);
         assert!(!b.at_boundary(), "an impossible length stops interleaving");
     }
 
@@ -935,7 +935,7 @@ mod tests {
         );
         // rumqttd's two PUBACKs, as the broker → client side counts them.
         let mut boundaries = Boundaries::default();
-        assert_eq!(boundaries.advance(&[0x40, 2, 0, 5, 0x40, 2, 0, 5]), 2);
+        assert_eq!(advance(&mut boundaries, &[0x40, 2, 0, 5, 0x40, 2, 0, 5]), 2);
         acks.fetch_sub(2, Ordering::AcqRel);
         let (to_broker, answers, _) = route_all(&mut conn, &request);
         assert!(to_broker.is_empty());
