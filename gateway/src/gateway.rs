@@ -92,6 +92,8 @@ pub struct Gateway {
     revocation: watch::Receiver<Arc<RevocationState>>,
     /// The service's request queue (only its depth is read here).
     service_queue: tokio::sync::mpsc::Sender<crate::broker::Message>,
+    /// The front's reply routes (only their counters are read here).
+    direct: Arc<crate::broker::direct::DirectRoutes>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -186,6 +188,7 @@ impl Gateway {
             stopped.clone(),
         ));
         let service_queue = upstream.requests.clone();
+        let direct = upstream.direct.clone();
         let front = Front::new(
             tls_rx,
             upstream,
@@ -225,6 +228,7 @@ impl Gateway {
             sessions,
             revocation: applied_rx,
             service_queue,
+            direct,
             stop,
             tasks,
         })
@@ -264,6 +268,13 @@ impl Gateway {
     /// slow or gone shows here first).
     pub fn waiting_requests(&self) -> usize {
         self.service_queue.max_capacity() - self.service_queue.capacity()
+    }
+
+    /// Replies the front did not send because they exceed the MQTT 5
+    /// Maximum Packet Size of the connection waiting for them (a device
+    /// that asked for less than its certificate takes).
+    pub fn oversize_replies(&self) -> u64 {
+        self.direct.oversize_replies()
     }
 
     /// The revocation state in force: it changes once a rebuilt state has

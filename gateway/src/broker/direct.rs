@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use idgate_pki::protocol::Topic;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{Message, REQUEST_FILTERS};
 
@@ -51,6 +51,8 @@ pub const QUEUE: usize = 64;
 struct Route {
     connection: u64,
     level: u8,
+    /// The client's MQTT 5 Maximum Packet Size, if it set one.
+    max_packet_size: Option<u32>,
     sender: mpsc::Sender<Vec<u8>>,
 }
 
@@ -68,11 +70,20 @@ pub struct DirectRoutes {
     /// Client ids whose last session rumqttd may still keep (Clean Session
     /// 0, or an MQTT 5 session expiry).
     persistent_clients: Mutex<HashSet<String>>,
+    /// Replies not sent because they exceed the Maximum Packet Size of the
+    /// connection waiting for them.
+    oversize_replies: AtomicU64,
 }
 
 impl DirectRoutes {
     /// Hands a reply to every connection subscribed to `topic` directly;
     /// returns how many took it.
+    ///
+    /// A reply larger than a connection's Maximum Packet Size is not sent to
+    /// it: the server "MUST discard it without sending it and then behave as
+    /// if it had completed sending that Application Message" (MQTT 5
+    /// §3.1.2.11.4). It is counted ([`DirectRoutes::oversize_replies`]) and
+    /// logged, since the device will never see its answer.
     pub fn deliver(&self, topic: &str, payload: &[u8]) -> usize {
         let Some(parsed) = Topic::parse(topic).filter(|t| t.reply.is_some()) else {
             return 0;
@@ -89,6 +100,19 @@ impl DirectRoutes {
         for filter in [topic, wildcard.as_str()] {
             for route in routes.get(filter).into_iter().flatten() {
                 let packet = publish_packet(route.level, topic, payload);
+                if let Some(limit) = route.max_packet_size
+                    && packet.len() > usize::try_from(limit).unwrap_or(usize::MAX)
+                {
+                    self.oversize_replies.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        device_id = parsed.device_id,
+                        connection = route.connection,
+                        size = packet.len(),
+                        max_packet_size = limit,
+                        "reply dropped: larger than the client's Maximum Packet Size"
+                    );
+                    continue;
+                }
                 match route.sender.try_send(packet) {
                     Ok(()) => delivered += 1,
                     Err(e) => debug!(connection = route.connection, error = %e, "reply dropped"),
@@ -98,15 +122,11 @@ impl DirectRoutes {
         delivered
     }
 
-    fn add(&self, filter: &str, connection: u64, level: u8, sender: &mpsc::Sender<Vec<u8>>) {
+    fn add(&self, filter: &str, route: Route) {
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let list = routes.entry(filter.to_owned()).or_default();
-        if !list.iter().any(|r| r.connection == connection) {
-            list.push(Route {
-                connection,
-                level,
-                sender: sender.clone(),
-            });
+        if !list.iter().any(|r| r.connection == route.connection) {
+            list.push(route);
         }
     }
 
@@ -123,6 +143,12 @@ impl DirectRoutes {
     /// Filters held, all connections together.
     pub fn filters(&self) -> usize {
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Replies dropped so far because they exceed the Maximum Packet Size
+    /// of a connection waiting for them.
+    pub fn oversize_replies(&self) -> u64 {
+        self.oversize_replies.load(Ordering::Relaxed)
     }
 
     /// Whether a subscription held in rumqttd could match `topic`: then a
@@ -252,6 +278,7 @@ pub struct ConnectionRoutes<'a> {
     routes: &'a DirectRoutes,
     connection: u64,
     level: u8,
+    max_packet_size: Option<u32>,
     sender: mpsc::Sender<Vec<u8>>,
     filters: HashSet<String>,
     /// Prefixes this connection added to [`DirectRoutes::broker_interest`].
@@ -280,6 +307,7 @@ impl<'a> ConnectionRoutes<'a> {
             routes,
             connection: routes.next_connection.fetch_add(1, Ordering::Relaxed),
             level,
+            max_packet_size: None,
             sender,
             filters: HashSet::new(),
             interest: HashSet::new(),
@@ -287,6 +315,13 @@ impl<'a> ConnectionRoutes<'a> {
             qos2_to_broker: false,
             persistent,
         }
+    }
+
+    /// Replies larger than `limit` bytes (the client's MQTT 5 Maximum
+    /// Packet Size, if it set one) are not sent to this connection.
+    pub fn with_max_packet_size(mut self, limit: Option<u32>) -> ConnectionRoutes<'a> {
+        self.max_packet_size = limit;
+        self
     }
 
     /// The count of QoS 1 PUBLISHes waiting for rumqttd's PUBACK; the
@@ -434,8 +469,13 @@ impl<'a> ConnectionRoutes<'a> {
             return None;
         }
         for (filter, _) in &filters {
-            self.routes
-                .add(filter, self.connection, self.level, &self.sender);
+            let route = Route {
+                connection: self.connection,
+                level: self.level,
+                max_packet_size: self.max_packet_size,
+                sender: self.sender.clone(),
+            };
+            self.routes.add(filter, route);
             self.filters.insert((*filter).to_owned());
         }
         // Replies are published at QoS 0; the granted QoS is what was asked,
@@ -766,6 +806,35 @@ mod tests {
         drop(subs);
         assert_eq!(routes.filters(), 0, "a closed connection leaves no route");
         assert_eq!(routes.deliver(&reply, b"cert"), 0);
+    }
+
+    #[test]
+    fn replies_above_a_clients_maximum_packet_size_are_dropped() {
+        let routes = DirectRoutes::default();
+        let reply = format!("{TOPIC}/accepted");
+        let size = publish_packet(5, &reply, b"cert").len();
+        let limit = u32::try_from(size).unwrap();
+        let mut receivers = Vec::new();
+        let mut connections = Vec::new();
+        // No limit, a limit the reply just fits, one byte short.
+        for max_packet_size in [None, Some(limit), Some(limit - 1)] {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let mut conn =
+                ConnectionRoutes::new(&routes, 5, tx, false).with_max_packet_size(max_packet_size);
+            let (to_broker, answers, _) = route_all(&mut conn, &subscribe(5, 1, &[&reply]));
+            assert!(to_broker.is_empty() && answers.len() == 1);
+            receivers.push(rx);
+            connections.push(conn);
+        }
+        assert_eq!(routes.deliver(&reply, b"cert"), 2);
+        assert_eq!(routes.oversize_replies(), 1);
+        assert_eq!(receivers[0].try_recv().unwrap().len(), size);
+        assert_eq!(receivers[1].try_recv().unwrap().len(), size);
+        assert!(receivers[2].try_recv().is_err(), "dropped, not queued");
+        // A smaller reply still reaches it.
+        assert_eq!(routes.deliver(&reply, b"cer"), 3);
+        assert_eq!(receivers[2].try_recv().unwrap().len(), size - 1);
+        assert_eq!(routes.oversize_replies(), 1);
     }
 
     #[test]

@@ -493,7 +493,8 @@ async fn connection(
             connect.level,
             direct_tx.clone(),
             terms.persistent,
-        );
+        )
+        .with_max_packet_size(terms.max_packet_size);
         let broker_acks = routes.broker_acks();
         // Without rumqttd, the front enforces the keep-alive (1.5 times the
         // interval, as a broker does).

@@ -179,6 +179,9 @@ pub struct SessionTerms {
     pub stateful: bool,
     /// The keep-alive interval in seconds (0: none).
     pub keep_alive: u16,
+    /// The largest packet, in bytes, the client accepts (MQTT 5 Maximum
+    /// Packet Size); `None`: no limit beyond the protocol's.
+    pub max_packet_size: Option<u32>,
 }
 
 /// The [`SessionTerms`] of a CONNECT that [`admit_connect`] returned.
@@ -190,6 +193,7 @@ pub fn session_terms(admitted: &[u8]) -> Result<SessionTerms, Refusal> {
         persistent,
         stateful: persistent || parsed.will_topic.is_some(),
         keep_alive: parsed.keep_alive,
+        max_packet_size: parsed.max_packet_size,
     })
 }
 
@@ -498,6 +502,8 @@ struct Connect<'a> {
     /// MQTT 5: where that interval's four bytes are in the packet.
     session_expiry_at: Option<usize>,
     keep_alive: u16,
+    /// MQTT 5: the client's Maximum Packet Size.
+    max_packet_size: Option<u32>,
     client_id: &'a str,
     /// Where the client id, length prefix included, lies in the packet.
     client_id_span: (usize, usize),
@@ -537,11 +543,15 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
         return Err(Refusal::Malformed);
     }
     let keep_alive = r.u16()?;
-    let (session_expiry, session_expiry_at) = if v5 {
+    let (session_expiry, session_expiry_at, max_packet_size) = if v5 {
         let found = properties(&mut r)?;
-        (found.session_expiry, found.session_expiry_at)
+        (
+            found.session_expiry,
+            found.session_expiry_at,
+            found.max_packet_size,
+        )
     } else {
-        (false, None)
+        (false, None, None)
     };
     let start = r.position();
     let client_id = r.string()?;
@@ -568,6 +578,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
         session_expiry,
         session_expiry_at,
         keep_alive,
+        max_packet_size,
         client_id,
         client_id_span,
         will_topic,
@@ -676,6 +687,8 @@ struct Properties {
     /// Where the Session Expiry Interval's four bytes are, as a position
     /// of the reader the block was read from.
     session_expiry_at: Option<usize>,
+    /// Maximum Packet Size (CONNECT): the largest packet the client takes.
+    max_packet_size: Option<u32>,
 }
 
 /// Parses an MQTT 5 property block (length, then identifier/value pairs);
@@ -701,8 +714,16 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
                 found.session_expiry_at = Some(base + p.position());
                 found.session_expiry = p.u32()? > 0;
             }
-            0x02 | 0x18 | 0x27 => {
+            0x02 | 0x18 => {
                 p.u32()?;
+            }
+            0x27 => {
+                // Zero, or the property twice, is a protocol error (MQTT 5
+                // §3.1.2.11.4): there would be no limit to honour.
+                let size = p.u32()?;
+                if size == 0 || found.max_packet_size.replace(size).is_some() {
+                    return Err(Refusal::Malformed);
+                }
             }
             0x0b => {
                 p.varint()?;
@@ -1278,6 +1299,36 @@ mod tests {
             assert!(terms.stateful && !terms.persistent, "a will");
         }
         assert_eq!(session_terms(&[0x10, 0]), Err(Refusal::Malformed));
+    }
+
+    #[test]
+    fn session_terms_carry_the_maximum_packet_size() {
+        let mut connect = C::new(5, "x");
+        assert_eq!(
+            session_terms(&connect.encode()).unwrap().max_packet_size,
+            None
+        );
+        // Among other properties, and kept through the anonymous rewrite.
+        connect.properties = build::sample_properties();
+        connect
+            .properties
+            .extend_from_slice(&[0x27, 0, 0, 0x04, 0x00]);
+        let admitted = admit_connect(&Identity::Anonymous, &connect.encode()).unwrap();
+        assert_eq!(
+            session_terms(&admitted).unwrap().max_packet_size,
+            Some(1024)
+        );
+        // Zero, or the property twice: a protocol error.
+        for properties in [
+            vec![0x27, 0, 0, 0, 0],
+            vec![0x27, 0, 0, 0x04, 0x00, 0x27, 0, 0, 0x04, 0x00],
+        ] {
+            connect.properties = properties;
+            assert_eq!(
+                admit_connect(&Identity::Anonymous, &connect.encode()),
+                Err(Refusal::Malformed)
+            );
+        }
     }
 
     #[test]

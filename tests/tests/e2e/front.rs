@@ -449,3 +449,93 @@ async fn pings_are_answered_while_the_service_is_behind() {
     drop(flooding);
     h.gateway.shutdown().await;
 }
+
+/// A raw MQTT 5 connection over TLS, after an accepting CONNACK: client id
+/// `client_id`, Clean Start, CONNECT properties `properties` (encoded, as
+/// they go in the block).
+async fn open_v5(
+    h: &Harness,
+    client_id: &str,
+    properties: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let connector = tokio_rustls::TlsConnector::from(idgate_tests::tls_trusting(&h.root_ca()));
+    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let mut connect = mqtt_string("MQTT");
+    connect.extend_from_slice(&[5, 0x02, 0, 60]); // level 5, clean start, keep-alive
+    connect.push(u8::try_from(properties.len()).unwrap());
+    connect.extend_from_slice(properties);
+    connect.extend_from_slice(&mqtt_string(client_id));
+    stream.write_all(&packet(0x10, &connect)).await.unwrap();
+    let connack = read_packet(&mut stream).await;
+    assert_eq!(connack[0], 0x20, "CONNACK: {connack:?}");
+    assert_eq!(connack[3], 0x00, "accepted: {connack:?}");
+    stream
+}
+
+/// The next whole MQTT packet, fixed header included (within 20 s).
+async fn read_packet(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut packet = vec![stream.read_u8().await?];
+        let mut remaining = 0usize;
+        for shift in 0..4 {
+            let byte = stream.read_u8().await?;
+            packet.push(byte);
+            remaining |= usize::from(byte & 0x7f) << (7 * shift);
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let start = packet.len();
+        packet.resize(start + remaining, 0);
+        stream.read_exact(&mut packet[start..]).await?;
+        Ok::<_, std::io::Error>(packet)
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("no packet within 20 s")
+        .expect("connection closed")
+}
+
+/// A reply larger than an MQTT 5 client's Maximum Packet Size is not
+/// written into its connection (MQTT 5 §3.1.2.11.4); another connection
+/// waiting for the same reply still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_respect_the_clients_maximum_packet_size() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let request = "idgate/v1/devices/mps-1/enroll/cbor";
+    let mut subscribe = vec![0, 1, 0]; // packet id 1, no properties
+    subscribe.extend_from_slice(&mqtt_string(&format!("{request}/+")));
+    subscribe.push(0x00);
+    // The small one subscribes first, so the front comes to it first when
+    // the reply is handed out: once the other has the reply, its fate is
+    // settled.
+    let mut small = open_v5(&h, "small", &[0x27, 0, 0, 0, 64]).await;
+    let mut roomy = open_v5(&h, "roomy", &[]).await;
+    for stream in [&mut small, &mut roomy] {
+        stream.write_all(&packet(0x82, &subscribe)).await.unwrap();
+        let suback = read_packet(stream).await;
+        assert_eq!(suback[0], 0x90, "SUBACK: {suback:?}");
+    }
+
+    let mut publish = mqtt_string(request);
+    publish.push(0); // no properties
+    publish.extend_from_slice(b"not cbor");
+    roomy.write_all(&packet(0x30, &publish)).await.unwrap();
+    let reply = read_packet(&mut roomy).await;
+    assert_eq!(reply[0], 0x30, "the rejection, as a PUBLISH: {reply:?}");
+    assert!(reply.len() > 64, "{} bytes", reply.len());
+    assert_eq!(h.gateway.oversize_replies(), 1);
+
+    // The small one's next packet is the answer to its ping: no reply was
+    // written before it.
+    small.write_all(&[0xc0, 0]).await.unwrap();
+    assert_eq!(read_packet(&mut small).await, [0xd0, 0], "PINGRESP");
+    h.gateway.shutdown().await;
+}
