@@ -487,7 +487,7 @@ async fn connection(
         // Reply subscriptions are held here, not in rumqttd, and requests go
         // to the service directly (see `direct`); the SUBACKs, PUBACKs and
         // replies come through `direct_rx`.
-        let (direct_tx, mut direct_rx) = tokio::sync::mpsc::channel(direct::QUEUE);
+        let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(direct::QUEUE);
         let mut routes = direct::ConnectionRoutes::new(
             &front.upstream.direct,
             connect.level,
@@ -527,8 +527,7 @@ async fn connection(
                 if broker_write.is_none() && !to_broker.is_empty() && fed.is_ok() {
                     match direct::answer_locally(&to_broker, &mut answers) {
                         direct::Local::NeedsBroker => {
-                            let (read, write) =
-                                open_upstream_lazily(front, &connect_bytes).await?;
+                            let (read, write) = open_upstream_lazily(front, &connect_bytes).await?;
                             if let Some(reader_tx) = reader_tx.take() {
                                 let _ = reader_tx.send(read);
                             }
@@ -595,66 +594,18 @@ async fn connection(
                 }
             }
         };
-        let outbound = async {
-            let mut buffer = vec![0u8; RELAY_BUFFER];
-            // A lazy connection had the front's CONNACK already.
-            let mut boundaries = if lazy {
+        // A lazy connection had the front's CONNACK already.
+        let outbound = ToClient {
+            direct: direct_rx,
+            link: Some(reader_rx),
+            boundaries: if lazy {
                 direct::Boundaries::default()
             } else {
                 direct::Boundaries::before_connack()
-            };
-            let mut broker_read: Option<tokio::net::tcp::OwnedReadHalf> = None;
-            let mut reader_rx = Some(reader_rx);
-            loop {
-                let n = tokio::select! {
-                    biased;
-                    // A direct packet goes out only between two of rumqttd's.
-                    Some(packet) = direct_rx.recv(), if boundaries.at_boundary() => {
-                        write_client(&mut client_write, &packet).await?;
-                        while let Ok(packet) = direct_rx.try_recv() {
-                            write_client(&mut client_write, &packet).await?;
-                        }
-                        flush_client(&mut client_write).await?;
-                        continue;
-                    }
-                    Some(read) = next_link(&mut reader_rx) => {
-                        broker_read = Some(read);
-                        continue;
-                    }
-                    n = read_broker(broker_read.as_mut(), &mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
-                };
-                if n == 0 {
-                    return Ok::<_, String>(());
-                }
-                // rumqttd's sockets use Nagle's algorithm: it holds a reply
-                // back until its previous small segment (the PUBACK of the
-                // request, say) is acknowledged, and a delayed ACK from us
-                // would make every reply wait ~40 ms. Acknowledge at once.
-                if let Some(read) = &broker_read {
-                    let _ = socket2::SockRef::from(read.as_ref()).set_tcp_quickack(true);
-                }
-                // Packet by packet: a direct packet already queued (the
-                // PUBACK of a request, say) goes out at the first boundary,
-                // before anything rumqttd sent after it.
-                let mut rest = &buffer[..n];
-                while !rest.is_empty() {
-                    let (used, pubacks) = boundaries.advance_to_boundary(rest);
-                    if pubacks > 0 {
-                        let _ = broker_acks.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                            Some(v.saturating_sub(pubacks))
-                        });
-                    }
-                    write_client(&mut client_write, &rest[..used]).await?;
-                    rest = &rest[used..];
-                    if boundaries.at_boundary() {
-                        while let Ok(packet) = direct_rx.try_recv() {
-                            write_client(&mut client_write, &packet).await?;
-                        }
-                    }
-                }
-                flush_client(&mut client_write).await?;
-            }
-        };
+            },
+            broker_acks,
+        }
+        .relay(&mut client_write);
         let outcome = tokio::select! {
             result = inbound => result,
             result = outbound => result,
@@ -680,6 +631,82 @@ async fn connection(
         front.sessions.unregister(id);
     }
     result
+}
+
+/// The client-bound direction of a connection: rumqttd's bytes, once the
+/// connection has a rumqttd link, and the front's own packets (SUBACKs,
+/// PUBACKs, replies), each of those only between two of rumqttd's.
+struct ToClient {
+    /// The front's packets for the client.
+    direct: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    /// The read half of the rumqttd link, when it opens.
+    link: Option<tokio::sync::oneshot::Receiver<tokio::net::tcp::OwnedReadHalf>>,
+    /// Where rumqttd's packets begin and end.
+    boundaries: direct::Boundaries,
+    /// QoS 1 PUBLISHes sent to rumqttd that it has not acknowledged yet.
+    broker_acks: Arc<AtomicUsize>,
+}
+
+impl ToClient {
+    /// Relays until rumqttd closes the link or a write to the client fails.
+    async fn relay(
+        mut self,
+        client: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Result<(), String> {
+        let mut buffer = vec![0u8; RELAY_BUFFER];
+        let mut broker_read: Option<tokio::net::tcp::OwnedReadHalf> = None;
+        loop {
+            let n = tokio::select! {
+                biased;
+                // A direct packet goes out only between two of rumqttd's.
+                Some(packet) = self.direct.recv(), if self.boundaries.at_boundary() => {
+                    write_client(client, &packet).await?;
+                    while let Ok(packet) = self.direct.try_recv() {
+                        write_client(client, &packet).await?;
+                    }
+                    flush_client(client).await?;
+                    continue;
+                }
+                Some(read) = next_link(&mut self.link) => {
+                    broker_read = Some(read);
+                    continue;
+                }
+                n = read_broker(broker_read.as_mut(), &mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            // rumqttd's sockets use Nagle's algorithm: it holds a reply
+            // back until its previous small segment (the PUBACK of the
+            // request, say) is acknowledged, and a delayed ACK from us
+            // would make every reply wait ~40 ms. Acknowledge at once.
+            if let Some(read) = &broker_read {
+                let _ = socket2::SockRef::from(read.as_ref()).set_tcp_quickack(true);
+            }
+            // Packet by packet: a direct packet already queued (the
+            // PUBACK of a request, say) goes out at the first boundary,
+            // before anything rumqttd sent after it.
+            let mut rest = &buffer[..n];
+            while !rest.is_empty() {
+                let (used, pubacks) = self.boundaries.advance_to_boundary(rest);
+                if pubacks > 0 {
+                    let _ =
+                        self.broker_acks
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                                Some(v.saturating_sub(pubacks))
+                            });
+                }
+                write_client(client, &rest[..used]).await?;
+                rest = &rest[used..];
+                if self.boundaries.at_boundary() {
+                    while let Ok(packet) = self.direct.try_recv() {
+                        write_client(client, &packet).await?;
+                    }
+                }
+            }
+            flush_client(client).await?;
+        }
+    }
 }
 
 /// The rumqttd link once the connection has one; after that (or if it never
