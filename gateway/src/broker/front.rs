@@ -162,9 +162,10 @@ pub struct Sessions {
     /// and when (see [`super::presence`]).
     seen: Mutex<HashMap<String, i64>>,
     /// The connection holding each MQTT client id. A new connection with the
-    /// same id closes the old one (MQTT 3.1.1 and 5, §3.1.4): rumqttd does
-    /// that for the connections it sees, but a connection that never needed
-    /// rumqttd is known only here.
+    /// same id closes the old one (MQTT 3.1.1 and 5, §3.1.4; an MQTT 5 one
+    /// is told why first, see [`ToClient::relay`]): rumqttd does that for
+    /// the connections it sees, but a connection that never needed rumqttd
+    /// is known only here.
     clients: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
 }
 
@@ -604,15 +605,38 @@ async fn connection(
                 direct::Boundaries::before_connack()
             },
             broker_acks,
+            taken_over: taken_over.clone(),
+            goodbye: guard::taken_over_packet(connect.level),
         }
         .relay(&mut client_write);
+        // A connection taken over reads nothing more from its client.
+        let mut stop_reading = taken_over.clone();
+        let inbound = async {
+            tokio::select! {
+                biased;
+                () = turns_true(&mut stop_reading) => {}
+                result = inbound => return result,
+            }
+            std::future::pending().await
+        };
+        // Taken over, an MQTT 5 client is told so by `outbound`, which ends
+        // the connection then; this is only for a client that does not read
+        // it in time. An MQTT 3.1.1 client is closed at once.
+        let goodbye_time = if connect.level == 5 {
+            CLOSE_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
         let outcome = tokio::select! {
             result = inbound => result,
             result = outbound => result,
             _ = closed.wait_for(|close| *close) => Err("certificate revoked".to_owned()),
-            _ = taken_over.wait_for(|taken| *taken) => {
-                Err("a new connection took over the client id".to_owned())
-            }
+            _ = async {
+                let _ = taken_over.wait_for(|taken| *taken).await;
+                if !goodbye_time.is_zero() {
+                    tokio::time::sleep(goodbye_time).await;
+                }
+            } => Err(TAKEN_OVER.to_owned()),
             _ = shutdown.wait_for(|stop| *stop) => Ok(()),
         };
         // The relay futures are gone; the client's write half is ours again.
@@ -633,9 +657,13 @@ async fn connection(
     result
 }
 
+/// Why a connection ends when a newer one takes its client id.
+const TAKEN_OVER: &str = "a new connection took over the client id";
+
 /// The client-bound direction of a connection: rumqttd's bytes, once the
 /// connection has a rumqttd link, and the front's own packets (SUBACKs,
-/// PUBACKs, replies), each of those only between two of rumqttd's.
+/// PUBACKs, replies, the goodbye), each of those only between two of
+/// rumqttd's.
 struct ToClient {
     /// The front's packets for the client.
     direct: tokio::sync::mpsc::Receiver<Vec<u8>>,
@@ -645,19 +673,49 @@ struct ToClient {
     boundaries: direct::Boundaries,
     /// QoS 1 PUBLISHes sent to rumqttd that it has not acknowledged yet.
     broker_acks: Arc<AtomicUsize>,
+    /// Turns true when a newer connection takes the client id over.
+    taken_over: watch::Receiver<bool>,
+    /// The last packet the client gets then (MQTT 5: DISCONNECT 0x8E);
+    /// `None`: the relay stops at once.
+    goodbye: Option<Vec<u8>>,
 }
 
 impl ToClient {
-    /// Relays until rumqttd closes the link or a write to the client fails.
+    /// Relays until rumqttd closes the link, a write to the client fails,
+    /// or the connection is taken over. Taken over, the client gets the
+    /// goodbye after what was queued for it and before anything rumqttd
+    /// sends later: at the end of the packet of rumqttd's being written
+    /// (never inside it, and never before rumqttd's CONNACK), after the
+    /// front's packets already queued, flushed. The client gets nothing
+    /// after it (MQTT 5 §3.14.4). A link that ends inside a packet leaves
+    /// no place for it: the client is then closed without one.
     async fn relay(
         mut self,
         client: &mut (impl tokio::io::AsyncWrite + Unpin),
     ) -> Result<(), String> {
         let mut buffer = vec![0u8; RELAY_BUFFER];
         let mut broker_read: Option<tokio::net::tcp::OwnedReadHalf> = None;
+        let mut leaving = false;
         loop {
+            if leaving && self.boundaries.at_boundary() {
+                while let Ok(packet) = self.direct.try_recv() {
+                    write_client(client, &packet).await?;
+                }
+                if let Some(goodbye) = &self.goodbye {
+                    write_client(client, goodbye).await?;
+                }
+                flush_client(client).await?;
+                return Err(TAKEN_OVER.to_owned());
+            }
             let n = tokio::select! {
                 biased;
+                () = turns_true(&mut self.taken_over), if !leaving => {
+                    if self.goodbye.is_none() {
+                        return Err(TAKEN_OVER.to_owned());
+                    }
+                    leaving = true;
+                    continue;
+                }
                 // A direct packet goes out only between two of rumqttd's.
                 Some(packet) = self.direct.recv(), if self.boundaries.at_boundary() => {
                     write_client(client, &packet).await?;
@@ -674,7 +732,11 @@ impl ToClient {
                 n = read_broker(broker_read.as_mut(), &mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
             };
             if n == 0 {
-                return Ok(());
+                return if leaving {
+                    Err(TAKEN_OVER.to_owned())
+                } else {
+                    Ok(())
+                };
             }
             // rumqttd's sockets use Nagle's algorithm: it holds a reply
             // back until its previous small segment (the PUBACK of the
@@ -698,6 +760,11 @@ impl ToClient {
                 }
                 write_client(client, &rest[..used]).await?;
                 rest = &rest[used..];
+                if leaving && self.boundaries.at_boundary() {
+                    // The goodbye is next; rumqttd's later packets are not
+                    // sent.
+                    break;
+                }
                 if self.boundaries.at_boundary() {
                     while let Ok(packet) = self.direct.try_recv() {
                         write_client(client, &packet).await?;
@@ -706,6 +773,13 @@ impl ToClient {
             }
             flush_client(client).await?;
         }
+    }
+}
+
+/// Waits until `signal` is true; if its sender goes first, for ever.
+async fn turns_true(signal: &mut watch::Receiver<bool>) {
+    if signal.wait_for(|on| *on).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -959,6 +1033,95 @@ mod tests {
             sources.insert(peer.ip());
         }
         assert!(sources.len() > 1, "all from {sources:?}");
+    }
+
+    /// A client-bound relay for protocol `level` whose rumqttd is a loopback
+    /// socket; with rumqttd's end of it, the front's queue for the client
+    /// and the takeover signal.
+    async fn relay_for(
+        level: u8,
+    ) -> (
+        ToClient,
+        TcpStream,
+        tokio::sync::mpsc::Sender<Vec<u8>>,
+        watch::Sender<bool>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let broker = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (link, _) = listener.accept().await.unwrap();
+        let (link_tx, link_rx) = tokio::sync::oneshot::channel();
+        link_tx.send(link.into_split().0).unwrap();
+        let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(direct::QUEUE);
+        let (taken, taken_over) = watch::channel(false);
+        let relay = ToClient {
+            direct: direct_rx,
+            link: Some(link_rx),
+            boundaries: direct::Boundaries::before_connack(),
+            broker_acks: Arc::default(),
+            taken_over,
+            goodbye: guard::taken_over_packet(level),
+        };
+        (relay, broker, direct_tx, taken)
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_mqtt5_client_is_told_between_two_packets() {
+        let (relay, mut broker, direct_tx, taken) = relay_for(5).await;
+        let (mut client, mut device) = tokio::io::duplex(64 * 1024);
+        let relaying = tokio::spawn(async move { relay.relay(&mut client).await });
+        // rumqttd's CONNACK and the first part of a 40-byte PUBLISH.
+        let mut publish = vec![0x30, 38, 0, 1, b't', 0];
+        publish.resize(40, b'p');
+        let connack = [0x20, 3, 0, 0, 0];
+        broker.write_all(&connack).await.unwrap();
+        broker.write_all(&publish[..10]).await.unwrap();
+        let mut seen = [0u8; 15];
+        device.read_exact(&mut seen).await.unwrap();
+        assert_eq!(seen[..5], connack);
+        assert_eq!(seen[5..], publish[..10]);
+        // A reply queued by the front, then the takeover, both inside
+        // rumqttd's packet; then the rest of it, and another one.
+        let reply = vec![0x30, 4, 0, 1, b'r', 0];
+        direct_tx.send(reply.clone()).await.unwrap();
+        taken.send_replace(true);
+        broker
+            .write_all(&[&publish[10..], &publish].concat())
+            .await
+            .unwrap();
+
+        let ended = tokio::time::timeout(Duration::from_secs(10), relaying).await;
+        assert_eq!(ended.unwrap().unwrap(), Err(TAKEN_OVER.to_owned()));
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).await.unwrap();
+        let mut expected = publish[10..].to_vec();
+        expected.extend_from_slice(&reply);
+        expected.extend_from_slice(&[0xe0, 2, 0x8e, 0]);
+        assert_eq!(
+            rest, expected,
+            "the packet ends, the queue, DISCONNECT, nothing else"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_mqtt311_client_is_just_closed() {
+        let (relay, mut broker, direct_tx, taken) = relay_for(4).await;
+        let (mut client, mut device) = tokio::io::duplex(64 * 1024);
+        let relaying = tokio::spawn(async move { relay.relay(&mut client).await });
+        let connack = [0x20, 2, 0, 0];
+        broker.write_all(&connack).await.unwrap();
+        let mut seen = [0u8; 4];
+        device.read_exact(&mut seen).await.unwrap();
+        direct_tx.send(vec![0x40, 2, 0, 1]).await.unwrap();
+        let mut puback = [0u8; 4];
+        device.read_exact(&mut puback).await.unwrap();
+        taken.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(10), relaying).await;
+        assert_eq!(ended.unwrap().unwrap(), Err(TAKEN_OVER.to_owned()));
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
 
     #[test]

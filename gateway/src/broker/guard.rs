@@ -237,6 +237,13 @@ pub fn disconnect_packet(level: u8, refusal: &Refusal) -> Option<Vec<u8>> {
     (level == 5).then(|| vec![0xe0, 2, reason_v5(refusal), 0])
 }
 
+/// The DISCONNECT telling an MQTT 5 client that a newer connection took its
+/// client id over (reason 0x8E, Session taken over: MQTT 5 §3.1.4-3);
+/// `None` for 3.1.1, whose clients are just closed.
+pub fn taken_over_packet(level: u8) -> Option<Vec<u8>> {
+    (level == 5).then(|| vec![0xe0, 2, 0x8e, 0])
+}
+
 /// MQTT 5 reason code for `refusal`, valid in both CONNACK and DISCONNECT.
 fn reason_v5(refusal: &Refusal) -> u8 {
     match refusal {
@@ -1261,6 +1268,8 @@ mod tests {
             disconnect_packet(5, &Refusal::TooManySubscriptions(3)),
             Some(vec![0xe0, 2, 0x97, 0])
         );
+        assert_eq!(taken_over_packet(4), None);
+        assert_eq!(taken_over_packet(5), Some(vec![0xe0, 2, 0x8e, 0]));
     }
 
     #[test]

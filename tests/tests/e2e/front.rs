@@ -539,3 +539,46 @@ async fn replies_respect_the_clients_maximum_packet_size() {
     assert_eq!(read_packet(&mut small).await, [0xd0, 0], "PINGRESP");
     h.gateway.shutdown().await;
 }
+
+/// A newer connection with the same client id takes over: the older one
+/// gets DISCONNECT "session taken over" (0x8E) before the close if it
+/// speaks MQTT 5 (§3.1.4-3), and is just closed if it speaks 3.1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_mqtt5_client_is_told_why() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
+    let mut first = open_v5(&h, "twin-5", &[]).await;
+    let mut second = open_v5(&h, "twin-5", &[]).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), first.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the older connection stayed open");
+    assert_eq!(rest, [0xe0, 2, 0x8e, 0], "DISCONNECT, session taken over");
+    // The newer connection is served.
+    second.write_all(&[0xc0, 0]).await.unwrap();
+    assert_eq!(read_packet(&mut second).await, [0xd0, 0], "PINGRESP");
+
+    let connector = tokio_rustls::TlsConnector::from(idgate_tests::tls_trusting(&h.root_ca()));
+    let mut connect = mqtt_string("MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60]);
+    connect.extend_from_slice(&mqtt_string("twin-4"));
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        stream.write_all(&packet(0x10, &connect)).await.unwrap();
+        assert_eq!(read_packet(&mut stream).await, [0x20, 2, 0, 0]);
+        streams.push(stream);
+    }
+    let mut rest = Vec::new();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(20), streams[0].read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the older connection stayed open");
+    assert!(
+        rest.is_empty(),
+        "MQTT 3.1.1 has no server DISCONNECT: {rest:?}"
+    );
+    h.gateway.shutdown().await;
+}
