@@ -36,7 +36,7 @@ pub use fleet::serve as serve_devices;
 
 use crate::datadir::DataDir;
 use crate::gateway::{Gateway, Settings, StartError};
-use crate::registry::{GroupCommits, NewBatch, NewDevice, now};
+use crate::registry::{ContextReads, GroupCommits, NewBatch, NewDevice, now};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +142,8 @@ pub struct Report {
     pub recorded: i64,
     /// The group commits of the timed phase.
     pub commits: GroupCommits,
+    /// The registry reads of the requests' contexts in the timed phase.
+    pub reads: ContextReads,
     /// Cost of each public-key operation on this machine, this run.
     pub costs: CryptoCosts,
 }
@@ -192,6 +194,12 @@ impl fmt::Display for Report {
             commits.groups,
             commits.records as f64 / commits.groups.max(1) as f64,
             commits.per_record
+        )?;
+        writeln!(
+            f,
+            "  context reads         {} statements, {:.1} requests each",
+            self.reads.statements,
+            self.reads.requests as f64 / self.reads.statements.max(1) as f64,
         )?;
         writeln!(
             f,
@@ -505,12 +513,18 @@ async fn measure(
     };
     log("timed phase");
     let commits_before = gateway.registry().commit_stats();
+    let reads_before = gateway.registry().context_reads();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let outcomes = drive(&mut connections, jobs, options, options.rate).await?;
     let elapsed = started.elapsed();
     let cpu = cpu_seconds() - cpu_before;
     let commits_after = gateway.registry().commit_stats();
+    let reads_after = gateway.registry().context_reads();
+    let reads = ContextReads {
+        statements: reads_after.statements - reads_before.statements,
+        requests: reads_after.requests - reads_before.requests,
+    };
     let commits = GroupCommits {
         groups: commits_after.groups - commits_before.groups,
         per_record: commits_after.per_record - commits_before.per_record,
@@ -560,6 +574,7 @@ async fn measure(
         cores,
         recorded,
         commits,
+        reads,
         costs,
     })
 }

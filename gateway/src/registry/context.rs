@@ -8,13 +8,167 @@
 //! each statement is a round trip between threads (and a pool acquire), and
 //! those threads held 44 % of the samples in a profile of `idgate bench
 //! enroll` (docs/performance.md).
+//!
+//! And one statement for many requests: the contexts asked for while a read
+//! is under way are read together by the next one (up to [`MAX_READ`], at
+//! most [`READ_TURNS`] reads at once), the way the group commit batches the
+//! writes. A batch is padded to a power of two with repeats of its last key,
+//! so each kind of read has seven SQL texts, all of which stay in sqlx's
+//! statement cache.
 
-use sqlx::Row;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::{Semaphore, oneshot};
 
 use super::{
     CertificateRecord, Credential, Device, PriorRequest, Registry, RegistryError, device_from_row,
 };
+
+/// The most requests one read serves.
+const MAX_READ: usize = 64;
+
+/// Reads under way at once. The pool has four SQLite connections; the group
+/// commit holds one, and one stays free for everything else.
+const READ_TURNS: usize = 2;
+
+/// An enrollment's question: device, op, rid.
+type EnrollmentKey = (String, String, String);
+
+/// A renewal's question: device, op, rid, serial of the certificate renewed.
+type RenewalKey = (String, String, String, String);
+
+/// A request waiting for the read that answers it; `None`: no such device.
+type Waiting<K, V> = (K, oneshot::Sender<Result<Option<V>, RegistryError>>);
+
+/// The contexts waiting to be read, by kind.
+#[derive(Debug)]
+pub(super) struct ReadQueue {
+    enrollments: std::sync::Mutex<Vec<Waiting<EnrollmentKey, EnrollmentContext>>>,
+    renewals: std::sync::Mutex<Vec<Waiting<RenewalKey, RenewalContext>>>,
+    turns: Semaphore,
+    statements: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl Default for ReadQueue {
+    fn default() -> ReadQueue {
+        ReadQueue {
+            enrollments: std::sync::Mutex::default(),
+            renewals: std::sync::Mutex::default(),
+            turns: Semaphore::new(READ_TURNS),
+            statements: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How the requests' contexts were read since the registry was opened (see
+/// [`Registry::context_reads`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContextReads {
+    /// Statements run.
+    pub statements: u64,
+    /// Requests they answered.
+    pub requests: u64,
+}
+
+/// Queues `key` and returns its answer: read by whichever caller holds a
+/// turn when it comes up, this one included. `read` answers a batch of
+/// distinct keys; a key it leaves out has no device.
+async fn batched<K, V, F, Fut>(
+    queue: &std::sync::Mutex<Vec<Waiting<K, V>>>,
+    turns: &Semaphore,
+    key: K,
+    read: F,
+) -> Result<Option<V>, RegistryError>
+where
+    K: Clone + Eq + Hash,
+    V: Clone,
+    F: Fn(Vec<K>) -> Fut,
+    Fut: Future<Output = Result<HashMap<K, V>, RegistryError>>,
+{
+    let lock = || {
+        queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let abandoned =
+        || RegistryError::GroupCommit("the read holding this request was abandoned".into());
+    let (done, mut answer) = oneshot::channel();
+    lock().push((key, done));
+    let turn = turns.acquire().await.map_err(|_| abandoned())?;
+    loop {
+        match answer.try_recv() {
+            Ok(result) => return result,
+            Err(oneshot::error::TryRecvError::Closed) => return Err(abandoned()),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        let batch: Vec<Waiting<K, V>> = {
+            let mut queue = lock();
+            let take = queue.len().min(MAX_READ);
+            queue.drain(..take).collect()
+        };
+        if batch.is_empty() {
+            // The other turn took this request; its answer comes from there.
+            drop(turn);
+            return answer.await.unwrap_or_else(|_| Err(abandoned()));
+        }
+        let mut keys: Vec<K> = Vec::with_capacity(batch.len());
+        for (key, _) in &batch {
+            if !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+        match read(keys).await {
+            Ok(found) => {
+                for (key, done) in batch {
+                    let _ = done.send(Ok(found.get(&key).cloned()));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (_, done) in batch {
+                    let _ = done.send(Err(RegistryError::GroupCommit(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// `(VALUES ($1, …, $columns), …) AS q` for `keys` keys padded to a power of
+/// two; the columns are `q.column1`, `q.column2`, … in both backends.
+fn values_of(keys: usize, columns: usize) -> String {
+    let rows = keys.next_power_of_two();
+    let mut sql = String::from("(VALUES ");
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * columns + column + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(") AS q");
+    sql
+}
+
+/// The keys of a batch, each as a row of strings, padded as [`values_of`]
+/// counts them.
+fn padded<K: Clone>(keys: &[K]) -> impl Iterator<Item = &K> {
+    let pad = keys.len().next_power_of_two() - keys.len();
+    keys.iter()
+        .chain(std::iter::repeat_n(&keys[keys.len() - 1], pad))
+}
 
 /// The columns [`device_from_row`] reads, of the devices table as `d`.
 macro_rules! device_columns {
@@ -95,54 +249,79 @@ impl SuccessorKeys {
 
 impl Registry {
     /// Device `device_id` with its enrollment credential and the answer given
-    /// to its request (`op`, `rid`), in one statement; `None` if no such
-    /// device is registered.
+    /// to its request (`op`, `rid`), read in one statement with the other
+    /// enrollments waiting for a read; `None` if no such device is
+    /// registered.
     pub async fn enrollment_context(
         &self,
         device_id: &str,
         op: &str,
         rid: &str,
     ) -> Result<Option<EnrollmentContext>, RegistryError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            device_columns!(),
-            ", k.kind AS credential_kind, k.secret AS credential_secret, \
-             k.used_at AS credential_used_at, r.csr_sha256 AS prior_csr_sha256, ",
-            certificate_columns!("p"),
-            " FROM devices d \
-             LEFT JOIN enrollment_credentials k ON k.device_id = d.id \
-             LEFT JOIN requests r ON r.device_id = d.id AND r.op = $2 AND r.rid = $3 \
-             LEFT JOIN certificates p ON p.serial = r.serial \
-             WHERE d.id = $1"
-        ))
-        .bind(device_id)
-        .bind(op)
-        .bind(rid)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let kind: Option<String> = row.try_get("credential_kind")?;
-        let credential = match kind {
-            None => None,
-            Some(kind) => Some(Credential {
-                kind,
-                secret: row.try_get("credential_secret")?,
-                used_at: row.try_get("credential_used_at")?,
-            }),
-        };
-        Ok(Some(EnrollmentContext {
-            device: device_from_row(&row)?,
-            credential,
-            prior: prior_at(&row)?,
-        }))
+        let key = (device_id.to_owned(), op.to_owned(), rid.to_owned());
+        batched(&self.reads.enrollments, &self.reads.turns, key, |keys| {
+            self.count_read(keys.len());
+            self.read_enrollment_contexts(keys)
+        })
+        .await
+    }
+
+    /// How the requests' contexts were read so far: statements, and the
+    /// requests they answered.
+    pub fn context_reads(&self) -> ContextReads {
+        ContextReads {
+            statements: self.reads.statements.load(Ordering::Relaxed),
+            requests: self.reads.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count_read(&self, keys: usize) {
+        self.reads.statements.fetch_add(1, Ordering::Relaxed);
+        self.reads
+            .requests
+            .fetch_add(keys as u64, Ordering::Relaxed);
+    }
+
+    async fn read_enrollment_contexts(
+        &self,
+        keys: Vec<EnrollmentKey>,
+    ) -> Result<HashMap<EnrollmentKey, EnrollmentContext>, RegistryError> {
+        let sql = enrollment_sql(keys.len());
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (device_id, op, rid) in padded(&keys) {
+            query = query.bind(device_id).bind(op).bind(rid);
+        }
+        let mut found = HashMap::with_capacity(keys.len());
+        for row in query.fetch_all(&self.pool).await? {
+            let kind: Option<String> = row.try_get("credential_kind")?;
+            let credential = match kind {
+                None => None,
+                Some(kind) => Some(Credential {
+                    kind,
+                    secret: row.try_get("credential_secret")?,
+                    used_at: row.try_get("credential_used_at")?,
+                }),
+            };
+            let key = (
+                row.try_get("q_device")?,
+                row.try_get("q_op")?,
+                row.try_get("q_rid")?,
+            );
+            let context = EnrollmentContext {
+                device: device_from_row(&row)?,
+                credential,
+                prior: prior_at(&row)?,
+            };
+            found.insert(key, context);
+        }
+        Ok(found)
     }
 
     /// Device `device_id` with the answer given to its request (`op`, `rid`),
     /// its certificate `serial` (`None` if that certificate was not issued to
-    /// this device) and the keys of that certificate's successors, in one
-    /// statement; `None` if no such device is registered.
+    /// this device) and the keys of that certificate's successors, read in
+    /// one statement with the other renewals waiting for a read; `None` if no
+    /// such device is registered.
     pub async fn renewal_context(
         &self,
         device_id: &str,
@@ -150,11 +329,82 @@ impl Registry {
         rid: &str,
         serial: &str,
     ) -> Result<Option<RenewalContext>, RegistryError> {
-        // The successors' keys as a count of distinct keys and one of them:
-        // enough to tell none / one key / several, with aggregates that both
-        // backends have for binary values.
-        let row = sqlx::query(concat!(
-            "SELECT ",
+        let key = (
+            device_id.to_owned(),
+            op.to_owned(),
+            rid.to_owned(),
+            serial.to_owned(),
+        );
+        batched(&self.reads.renewals, &self.reads.turns, key, |keys| {
+            self.count_read(keys.len());
+            self.read_renewal_contexts(keys)
+        })
+        .await
+    }
+
+    async fn read_renewal_contexts(
+        &self,
+        keys: Vec<RenewalKey>,
+    ) -> Result<HashMap<RenewalKey, RenewalContext>, RegistryError> {
+        let sql = renewal_sql(keys.len());
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (device_id, op, rid, serial) in padded(&keys) {
+            query = query.bind(device_id).bind(op).bind(rid).bind(serial);
+        }
+        let mut found = HashMap::with_capacity(keys.len());
+        for row in query.fetch_all(&self.pool).await? {
+            let count: i64 = row.try_get("successor_key_count")?;
+            let successor_keys = match count {
+                0 => SuccessorKeys::None,
+                1 => SuccessorKeys::One(row.try_get("successor_key")?),
+                _ => SuccessorKeys::Several,
+            };
+            let key = (
+                row.try_get("q_device")?,
+                row.try_get("q_op")?,
+                row.try_get("q_rid")?,
+                row.try_get("q_serial")?,
+            );
+            let context = RenewalContext {
+                device: device_from_row(&row)?,
+                prior: prior_at(&row)?,
+                current: certificate_at(&row, "c")?,
+                successor_keys,
+            };
+            found.insert(key, context);
+        }
+        Ok(found)
+    }
+}
+
+/// The enrollment contexts of `keys` keys (see [`values_of`]).
+fn enrollment_sql(keys: usize) -> String {
+    format!(
+        concat!(
+            "SELECT q.column1 AS q_device, q.column2 AS q_op, q.column3 AS q_rid, ",
+            device_columns!(),
+            ", k.kind AS credential_kind, k.secret AS credential_secret, \
+             k.used_at AS credential_used_at, r.csr_sha256 AS prior_csr_sha256, ",
+            certificate_columns!("p"),
+            " FROM {} JOIN devices d ON d.id = q.column1 \
+             LEFT JOIN enrollment_credentials k ON k.device_id = d.id \
+             LEFT JOIN requests r ON r.device_id = d.id AND r.op = q.column2 \
+             AND r.rid = q.column3 \
+             LEFT JOIN certificates p ON p.serial = r.serial"
+        ),
+        values_of(keys, 3)
+    )
+}
+
+/// The renewal contexts of `keys` keys (see [`values_of`]).
+fn renewal_sql(keys: usize) -> String {
+    // The successors' keys as a count of distinct keys and one of them:
+    // enough to tell none / one key / several, with aggregates that both
+    // backends have for binary values.
+    format!(
+        concat!(
+            "SELECT q.column1 AS q_device, q.column2 AS q_op, q.column3 AS q_rid, \
+             q.column4 AS q_serial, ",
             device_columns!(),
             ", r.csr_sha256 AS prior_csr_sha256, ",
             certificate_columns!("p"),
@@ -164,34 +414,14 @@ impl Registry {
              WHERE s.renewed_from = c.serial) AS successor_key_count, \
              (SELECT s.key_fingerprint FROM certificates s \
              WHERE s.renewed_from = c.serial LIMIT 1) AS successor_key \
-             FROM devices d \
-             LEFT JOIN requests r ON r.device_id = d.id AND r.op = $2 AND r.rid = $3 \
+             FROM {} JOIN devices d ON d.id = q.column1 \
+             LEFT JOIN requests r ON r.device_id = d.id AND r.op = q.column2 \
+             AND r.rid = q.column3 \
              LEFT JOIN certificates p ON p.serial = r.serial \
-             LEFT JOIN certificates c ON c.serial = $4 AND c.device_id = d.id \
-             WHERE d.id = $1"
-        ))
-        .bind(device_id)
-        .bind(op)
-        .bind(rid)
-        .bind(serial)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let count: i64 = row.try_get("successor_key_count")?;
-        let successor_keys = match count {
-            0 => SuccessorKeys::None,
-            1 => SuccessorKeys::One(row.try_get("successor_key")?),
-            _ => SuccessorKeys::Several,
-        };
-        Ok(Some(RenewalContext {
-            device: device_from_row(&row)?,
-            prior: prior_at(&row)?,
-            current: certificate_at(&row, "c")?,
-            successor_keys,
-        }))
-    }
+             LEFT JOIN certificates c ON c.serial = q.column4 AND c.device_id = d.id"
+        ),
+        values_of(keys, 4)
+    )
 }
 
 /// The prior request of a context row (`r` and `p`), if there was one.
@@ -226,4 +456,57 @@ fn certificate_at(row: &AnyRow, table: &str) -> Result<Option<CertificateRecord>
         revocation_reason: row.try_get(column("revocation_reason").as_str())?,
         renewed_from: row.try_get(column("renewed_from").as_str())?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch read finds each request's rows by key: SQLite scans only the
+    /// batch's own `VALUES` (named differently by SQLite versions), never a
+    /// table.
+    #[tokio::test]
+    async fn sqlite_reads_a_batch_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&super::super::sqlite_url(&dir.path().join("registry.db")))
+            .await
+            .unwrap();
+        for (sql, columns) in [(enrollment_sql(64), 3), (renewal_sql(64), 4)] {
+            let mut query = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+            for i in 0..64 * columns {
+                query = query.bind(format!("v{i}"));
+            }
+            let plan: Vec<String> = query
+                .fetch_all(&registry.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.try_get::<String, _>("detail").unwrap())
+                .collect();
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains("sqlite_autoindex_devices_1 (id=?)")),
+                "{plan:?}"
+            );
+            for step in &plan {
+                assert!(
+                    !step.starts_with("SCAN")
+                        || step == "SCAN q"
+                        || step.contains("VALUES CLAUSE")
+                        || step.contains("CONSTANT ROWS"),
+                    "{step} in {plan:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn batches_are_padded_to_powers_of_two() {
+        assert_eq!(values_of(1, 2), "(VALUES ($1, $2)) AS q");
+        assert_eq!(values_of(3, 1), "(VALUES ($1), ($2), ($3), ($4)) AS q");
+        let keys = ["a", "b", "c"];
+        assert_eq!(padded(&keys).collect::<Vec<_>>(), [&"a", &"b", &"c", &"c"]);
+        assert_eq!(padded(&keys[..1]).count(), 1);
+        assert_eq!(values_of(64, 1).matches('$').count(), 64);
+    }
 }

@@ -47,7 +47,7 @@ pub use accounts::{
     check_account_name,
 };
 pub use batches::{BatchError, BatchSummary, NewBatch};
-pub use context::{EnrollmentContext, RenewalContext, SuccessorKeys};
+pub use context::{ContextReads, EnrollmentContext, RenewalContext, SuccessorKeys};
 pub use devices::{DeviceEdit, DeviceListFilter, DeviceListPage};
 pub mod console;
 mod stations;
@@ -98,6 +98,9 @@ pub enum RegistryError {
     /// rolled back).
     #[error("database error (group commit): {0}")]
     GroupCommit(String),
+    /// The thread that runs the group commits could not be started.
+    #[error("cannot start the group commit thread: {0}")]
+    CommitThread(#[source] std::io::Error),
 }
 
 /// Which database is behind the registry.
@@ -451,7 +454,11 @@ pub struct Registry {
     write_turn: Mutex<()>,
     /// Certificates waiting to be recorded by the next group commit.
     commit_queue: std::sync::Mutex<Vec<Queued>>,
-    commits: CommitStats,
+    commits: std::sync::Arc<CommitStats>,
+    /// Where the group commits' transactions run.
+    committer: Committer,
+    /// Requests' contexts waiting to be read together.
+    reads: context::ReadQueue,
 }
 
 /// How group commits went since the registry was opened.
@@ -472,6 +479,123 @@ pub struct GroupCommits {
     pub per_record: u64,
     /// Certificate records they held, refused ones included.
     pub records: u64,
+}
+
+/// The thread that runs the group commits' transactions.
+///
+/// A group's transaction is a chain of statements, each a round trip to
+/// sqlx's SQLite worker thread, and nothing else can be written while it is
+/// open. On the gateway's runtime, each step of that chain waited behind
+/// whatever else was ready to run there (under load, the CSR checks and
+/// signatures of the requests in flight), with the write lock held. On a
+/// thread of its own, the next statement goes out as soon as the last one
+/// returns.
+#[derive(Debug)]
+struct Committer {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the registry, which ends the thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Committer {
+    fn start() -> Result<Committer, RegistryError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RegistryError::CommitThread)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("idgate-commit".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(RegistryError::CommitThread)?;
+        Ok(Committer {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
+/// One transaction for `group`, run on the [`Committer`]'s thread; each
+/// record's outcome goes to its caller.
+async fn commit_group(
+    pool: AnyPool,
+    backend: Backend,
+    stats: std::sync::Arc<CommitStats>,
+    group: Vec<Queued>,
+) {
+    match write_group(&pool, backend, &stats, &group).await {
+        Ok(results) => {
+            for (queued, result) in group.into_iter().zip(results) {
+                let _ = queued.done.send(result);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for queued in group {
+                let _ = queued
+                    .done
+                    .send(Err(RegistryError::GroupCommit(message.clone()).into()));
+            }
+        }
+    }
+}
+
+async fn write_group(
+    pool: &AnyPool,
+    backend: Backend,
+    stats: &CommitStats,
+    group: &[Queued],
+) -> Result<Vec<Result<(), IssuanceError>>, RegistryError> {
+    let mut tx = pool.begin().await?;
+    stats
+        .groups
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    stats
+        .records
+        .fetch_add(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    match group::write(&mut tx, group, backend).await {
+        Ok(true) => {
+            tx.commit().await?;
+            return Ok(group.iter().map(|_| Ok(())).collect());
+        }
+        Ok(false) => {}
+        // A unique key taken by another replica, or a database error the
+        // per-record path will meet too; either way it decides.
+        Err(e) => tracing::warn!(error = %e, "group commit: writing the group at once failed"),
+    }
+    tx.rollback().await?;
+    stats
+        .per_record
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tx = pool.begin().await?;
+    let mut results = Vec::with_capacity(group.len());
+    for queued in group {
+        sqlx::query("SAVEPOINT idgate_record")
+            .execute(&mut *tx)
+            .await?;
+        let result = match &queued.record {
+            Record::Enrollment(issuance, audit) => write_enrollment(&mut tx, issuance, audit).await,
+            Record::Renewal(issuance, counter, audit) => {
+                write_renewal(&mut tx, issuance, *counter, audit).await
+            }
+        };
+        if result.is_err() {
+            sqlx::query("ROLLBACK TO SAVEPOINT idgate_record")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("RELEASE SAVEPOINT idgate_record")
+            .execute(&mut *tx)
+            .await?;
+        results.push(result);
+    }
+    tx.commit().await?;
+    Ok(results)
 }
 
 /// Most records in one group commit: bounds how long one transaction holds
@@ -534,7 +658,9 @@ impl Registry {
             backend,
             write_turn: Mutex::new(()),
             commit_queue: std::sync::Mutex::new(Vec::new()),
-            commits: CommitStats::default(),
+            commits: std::sync::Arc::default(),
+            committer: Committer::start()?,
+            reads: context::ReadQueue::default(),
         };
         registry.migrate().await?;
         Ok(registry)
@@ -744,17 +870,17 @@ impl Registry {
     async fn group_commit(&self, record: Record) -> Result<(), IssuanceError> {
         let (done, mut outcome) = tokio::sync::oneshot::channel();
         self.queue().push(Queued { record, done });
-        let _turn = self.write_turn.lock().await;
+        let abandoned = || {
+            IssuanceError::from(RegistryError::GroupCommit(
+                "the transaction holding this record was abandoned".into(),
+            ))
+        };
+        let turn = self.write_turn.lock().await;
         loop {
             match outcome.try_recv() {
                 Ok(result) => return result,
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    // Its group's committer was cancelled before committing.
-                    return Err(RegistryError::GroupCommit(
-                        "the transaction holding this record was abandoned".into(),
-                    )
-                    .into());
-                }
+                // Its group's committer failed before answering.
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(abandoned()),
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
             let group: Vec<Queued> = {
@@ -762,21 +888,26 @@ impl Registry {
                 let take = queue.len().min(MAX_GROUP);
                 queue.drain(..take).collect()
             };
-            match self.commit_group(&group).await {
-                Ok(results) => {
-                    for (queued, result) in group.into_iter().zip(results) {
-                        let _ = queued.done.send(result);
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for queued in group {
-                        let _ = queued
-                            .done
-                            .send(Err(RegistryError::GroupCommit(message.clone()).into()));
-                    }
-                }
+            if group.is_empty() {
+                // Its record is in a group still being written, whose caller
+                // went away and left the turn; the answer comes from there.
+                drop(turn);
+                return outcome.await.unwrap_or_else(|_| Err(abandoned()));
             }
+            // The task answers the group's callers itself, so a caller that
+            // goes away meanwhile (this one included) loses nothing; one that
+            // fails takes the group's senders with it, and their callers see
+            // the abandoned outcome above.
+            let _ = self
+                .committer
+                .handle
+                .spawn(commit_group(
+                    self.pool.clone(),
+                    self.backend,
+                    self.commits.clone(),
+                    group,
+                ))
+                .await;
         }
     }
 
@@ -795,61 +926,6 @@ impl Registry {
         self.commit_queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// One transaction for `group`; the outcome of each record, in order.
-    async fn commit_group(
-        &self,
-        group: &[Queued],
-    ) -> Result<Vec<Result<(), IssuanceError>>, RegistryError> {
-        let mut tx = self.pool.begin().await?;
-        let stats = &self.commits;
-        stats
-            .groups
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        stats
-            .records
-            .fetch_add(group.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        match group::write(&mut tx, group, self.backend).await {
-            Ok(true) => {
-                tx.commit().await?;
-                return Ok(group.iter().map(|_| Ok(())).collect());
-            }
-            Ok(false) => {}
-            // A unique key taken by another replica, or a database error the
-            // per-record path will meet too; either way it decides.
-            Err(e) => tracing::warn!(error = %e, "group commit: writing the group at once failed"),
-        }
-        tx.rollback().await?;
-        stats
-            .per_record
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut tx = self.pool.begin().await?;
-        let mut results = Vec::with_capacity(group.len());
-        for queued in group {
-            sqlx::query("SAVEPOINT idgate_record")
-                .execute(&mut *tx)
-                .await?;
-            let result = match &queued.record {
-                Record::Enrollment(issuance, audit) => {
-                    write_enrollment(&mut tx, issuance, audit).await
-                }
-                Record::Renewal(issuance, counter, audit) => {
-                    write_renewal(&mut tx, issuance, *counter, audit).await
-                }
-            };
-            if result.is_err() {
-                sqlx::query("ROLLBACK TO SAVEPOINT idgate_record")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query("RELEASE SAVEPOINT idgate_record")
-                .execute(&mut *tx)
-                .await?;
-            results.push(result);
-        }
-        tx.commit().await?;
-        Ok(results)
     }
 
     /// Marks an active device suspect (possible clone) and audits why.

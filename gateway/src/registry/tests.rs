@@ -7,6 +7,8 @@ on_both_backends!(
     add_list_and_show,
     batch_import_is_all_or_nothing,
     batch_counts_follow_enrollment,
+    concurrent_context_reads_share_statements,
+    a_group_outlives_the_caller_that_started_it,
     group_commit_refuses_records_alone,
     group_commit_writes_a_clean_group_at_once,
     a_certificate_is_renewed_for_one_key,
@@ -403,6 +405,129 @@ async fn reopening_keeps_data_and_schema(db: TestDatabase) {
     registry.close().await;
     let again = Registry::open(&keep.url).await.unwrap();
     assert!(again.device("d1").await.unwrap().is_some());
+}
+
+/// Many requests asking at once: each gets its own answer, from a few
+/// statements.
+async fn concurrent_context_reads_share_statements(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    for i in 0..30 {
+        enrolled(
+            &registry,
+            &format!("d{i}"),
+            &format!("40{i:02}"),
+            i as u8 + 1,
+        )
+        .await;
+    }
+    let registry = std::sync::Arc::new(registry);
+    let before = registry.context_reads();
+    let mut asked = tokio::task::JoinSet::new();
+    for i in 0..100usize {
+        let registry = registry.clone();
+        asked.spawn(async move {
+            // Registered devices with an answered rid ("e") or a new one,
+            // devices that do not exist, and the same question asked twice.
+            let device = match i % 4 {
+                3 => format!("nobody{i}"),
+                _ => format!("d{}", i % 30),
+            };
+            let rid = if i % 5 == 0 {
+                "e".to_owned()
+            } else {
+                format!("r{}", i % 50)
+            };
+            let enrollment = registry.enrollment_context(&device, "enroll", &rid).await;
+            let renewal = registry
+                .renewal_context(&device, "renew", &rid, &format!("40{:02}", i % 30))
+                .await;
+            (i, device, rid, enrollment.unwrap(), renewal.unwrap())
+        });
+    }
+    let mut answered = 0;
+    while let Some(joined) = asked.join_next().await {
+        let (i, device, rid, enrollment, renewal) = joined.unwrap();
+        answered += 1;
+        if device.starts_with("nobody") {
+            assert!(enrollment.is_none() && renewal.is_none(), "{device}");
+            continue;
+        }
+        let enrollment = enrollment.unwrap();
+        assert_eq!(enrollment.device.id, device);
+        assert_eq!(enrollment.credential.unwrap().used_at, Some(150));
+        match enrollment.prior {
+            Some(prior) => {
+                assert_eq!(rid, "e", "{i}");
+                assert_eq!(prior.certificate.device_id, device);
+                assert_eq!(prior.certificate.serial, format!("40{:02}", i % 30));
+            }
+            None => assert_ne!(rid, "e", "{i}"),
+        }
+        let renewal = renewal.unwrap();
+        assert_eq!(renewal.device.id, device);
+        assert!(renewal.prior.is_none(), "no renewal was answered");
+        assert_eq!(
+            renewal.current.unwrap().serial,
+            format!("40{:02}", i % 30),
+            "the device's own certificate"
+        );
+    }
+    assert_eq!(answered, 100);
+    let after = registry.context_reads();
+    let statements = after.statements - before.statements;
+    assert!(
+        statements <= 12,
+        "{statements} statements for 200 questions: the reads were not batched"
+    );
+    assert!(after.requests - before.requests >= 2 * 90, "{after:?}");
+}
+
+/// A group's transaction runs on the committer's thread: when the caller
+/// that started it goes away, the group is still written and its other
+/// records still get their answer.
+async fn a_group_outlives_the_caller_that_started_it(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    for id in ["a", "b"] {
+        registry
+            .add_device(&new_device(id, "s", "a@x.io"), b"sealed", 10)
+            .await
+            .unwrap();
+    }
+    // Both records queue while the turn is held here, so one group takes both.
+    let held = registry.write_turn.lock().await;
+    let (first, second) = (issuance("a", "a001", 1, "r"), issuance("b", "b001", 2, "r"));
+    let (audit_a, audit_b) = (audit("a"), audit("b"));
+    // Boxed, so that dropping `a` drops the future itself.
+    let mut a = Box::pin(registry.record_enrollment(&first, &audit_a));
+    let mut b = Box::pin(registry.record_enrollment(&second, &audit_b));
+    poll_pending(a.as_mut()).await;
+    poll_pending(b.as_mut()).await;
+    assert_eq!(registry.queue().len(), 2);
+    drop(held);
+    // `a` takes the turn, hands the group to the committer and waits for it.
+    poll_pending(a.as_mut()).await;
+    assert!(registry.queue().is_empty(), "the group was taken");
+    drop(a);
+    b.await.unwrap();
+    for id in ["a", "b"] {
+        let device = registry.device(id).await.unwrap().unwrap();
+        assert_eq!(device.status, DeviceStatus::Active, "{id}");
+    }
+    let commits = registry.commit_stats();
+    assert_eq!((commits.groups, commits.records), (1, 2));
+}
+
+/// Polls `future` once, which must leave it pending.
+async fn poll_pending<F: std::future::Future>(mut future: std::pin::Pin<&mut F>) {
+    std::future::poll_fn(|cx| {
+        assert!(future.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await
 }
 
 fn renewal(device: &str, serial: &str, from: &str, key: u8, rid: &str, not_after: i64) -> Issuance {
