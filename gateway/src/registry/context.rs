@@ -34,7 +34,7 @@ const MAX_READ: usize = 64;
 
 /// Reads under way at once. The pool has four SQLite connections; the group
 /// commit holds one, and one stays free for everything else.
-const READ_TURNS: usize = 2;
+pub(super) const READ_TURNS: usize = 2;
 
 /// An enrollment's question: device, op, rid.
 type EnrollmentKey = (String, String, String);
@@ -50,7 +50,7 @@ type Waiting<K, V> = (K, oneshot::Sender<Result<Option<V>, RegistryError>>);
 pub(super) struct ReadQueue {
     enrollments: std::sync::Mutex<Vec<Waiting<EnrollmentKey, EnrollmentContext>>>,
     renewals: std::sync::Mutex<Vec<Waiting<RenewalKey, RenewalContext>>>,
-    turns: Semaphore,
+    pub(super) turns: Semaphore,
     statements: AtomicU64,
     requests: AtomicU64,
 }
@@ -77,9 +77,14 @@ pub struct ContextReads {
     pub requests: u64,
 }
 
+/// What a read found for one key: the context, or why its row could not be
+/// read (that key's error only).
+type Found<K, V> = HashMap<K, Result<V, String>>;
+
 /// Queues `key` and returns its answer: read by whichever caller holds a
 /// turn when it comes up, this one included. `read` answers a batch of
-/// distinct keys; a key it leaves out has no device.
+/// distinct keys; a key it leaves out has no device. Reads change nothing,
+/// so a key whose batch was abandoned (its caller went away) is queued again.
 async fn batched<K, V, F, Fut>(
     queue: &std::sync::Mutex<Vec<Waiting<K, V>>>,
     turns: &Semaphore,
@@ -90,52 +95,67 @@ where
     K: Clone + Eq + Hash,
     V: Clone,
     F: Fn(Vec<K>) -> Fut,
-    Fut: Future<Output = Result<HashMap<K, V>, RegistryError>>,
+    Fut: Future<Output = Result<Found<K, V>, RegistryError>>,
 {
     let lock = || {
         queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let abandoned =
-        || RegistryError::GroupCommit("the read holding this request was abandoned".into());
-    let (done, mut answer) = oneshot::channel();
-    lock().push((key, done));
-    let turn = turns.acquire().await.map_err(|_| abandoned())?;
+    let enqueue = || {
+        let (done, answer) = oneshot::channel();
+        lock().push((key.clone(), done));
+        answer
+    };
+    let mut answer = enqueue();
     loop {
-        match answer.try_recv() {
+        let turn = turns
+            .acquire()
+            .await
+            .map_err(|_| RegistryError::SharedRead("the registry is closing".into()))?;
+        loop {
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => answer = enqueue(),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let batch: Vec<Waiting<K, V>> = {
+                let mut queue = lock();
+                let take = queue.len().min(MAX_READ);
+                queue.drain(..take).collect()
+            };
+            if batch.is_empty() {
+                // The other turn took this key; its answer comes from there.
+                break;
+            }
+            let mut keys: Vec<K> = Vec::with_capacity(batch.len());
+            for (key, _) in &batch {
+                if !keys.contains(key) {
+                    keys.push(key.clone());
+                }
+            }
+            match read(keys).await {
+                Ok(found) => {
+                    for (key, done) in batch {
+                        let _ = done.send(match found.get(&key) {
+                            None => Ok(None),
+                            Some(Ok(context)) => Ok(Some(context.clone())),
+                            Some(Err(why)) => Err(RegistryError::Corrupt(why.clone())),
+                        });
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for (_, done) in batch {
+                        let _ = done.send(Err(RegistryError::SharedRead(message.clone())));
+                    }
+                }
+            }
+        }
+        drop(turn);
+        match (&mut answer).await {
             Ok(result) => return result,
-            Err(oneshot::error::TryRecvError::Closed) => return Err(abandoned()),
-            Err(oneshot::error::TryRecvError::Empty) => {}
-        }
-        let batch: Vec<Waiting<K, V>> = {
-            let mut queue = lock();
-            let take = queue.len().min(MAX_READ);
-            queue.drain(..take).collect()
-        };
-        if batch.is_empty() {
-            // The other turn took this request; its answer comes from there.
-            drop(turn);
-            return answer.await.unwrap_or_else(|_| Err(abandoned()));
-        }
-        let mut keys: Vec<K> = Vec::with_capacity(batch.len());
-        for (key, _) in &batch {
-            if !keys.contains(key) {
-                keys.push(key.clone());
-            }
-        }
-        match read(keys).await {
-            Ok(found) => {
-                for (key, done) in batch {
-                    let _ = done.send(Ok(found.get(&key).cloned()));
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for (_, done) in batch {
-                    let _ = done.send(Err(RegistryError::GroupCommit(message.clone())));
-                }
-            }
+            Err(_) => answer = enqueue(),
         }
     }
 }
@@ -285,7 +305,7 @@ impl Registry {
     async fn read_enrollment_contexts(
         &self,
         keys: Vec<EnrollmentKey>,
-    ) -> Result<HashMap<EnrollmentKey, EnrollmentContext>, RegistryError> {
+    ) -> Result<Found<EnrollmentKey, EnrollmentContext>, RegistryError> {
         let sql = enrollment_sql(keys.len());
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (device_id, op, rid) in padded(&keys) {
@@ -293,26 +313,12 @@ impl Registry {
         }
         let mut found = HashMap::with_capacity(keys.len());
         for row in query.fetch_all(&self.pool).await? {
-            let kind: Option<String> = row.try_get("credential_kind")?;
-            let credential = match kind {
-                None => None,
-                Some(kind) => Some(Credential {
-                    kind,
-                    secret: row.try_get("credential_secret")?,
-                    used_at: row.try_get("credential_used_at")?,
-                }),
-            };
             let key = (
                 row.try_get("q_device")?,
                 row.try_get("q_op")?,
                 row.try_get("q_rid")?,
             );
-            let context = EnrollmentContext {
-                device: device_from_row(&row)?,
-                credential,
-                prior: prior_at(&row)?,
-            };
-            found.insert(key, context);
+            found.insert(key, enrollment_at(&row).map_err(|e| e.to_string()));
         }
         Ok(found)
     }
@@ -345,7 +351,7 @@ impl Registry {
     async fn read_renewal_contexts(
         &self,
         keys: Vec<RenewalKey>,
-    ) -> Result<HashMap<RenewalKey, RenewalContext>, RegistryError> {
+    ) -> Result<Found<RenewalKey, RenewalContext>, RegistryError> {
         let sql = renewal_sql(keys.len());
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (device_id, op, rid, serial) in padded(&keys) {
@@ -353,25 +359,13 @@ impl Registry {
         }
         let mut found = HashMap::with_capacity(keys.len());
         for row in query.fetch_all(&self.pool).await? {
-            let count: i64 = row.try_get("successor_key_count")?;
-            let successor_keys = match count {
-                0 => SuccessorKeys::None,
-                1 => SuccessorKeys::One(row.try_get("successor_key")?),
-                _ => SuccessorKeys::Several,
-            };
             let key = (
                 row.try_get("q_device")?,
                 row.try_get("q_op")?,
                 row.try_get("q_rid")?,
                 row.try_get("q_serial")?,
             );
-            let context = RenewalContext {
-                device: device_from_row(&row)?,
-                prior: prior_at(&row)?,
-                current: certificate_at(&row, "c")?,
-                successor_keys,
-            };
-            found.insert(key, context);
+            found.insert(key, renewal_at(&row).map_err(|e| e.to_string()));
         }
         Ok(found)
     }
@@ -422,6 +416,40 @@ fn renewal_sql(keys: usize) -> String {
         ),
         values_of(keys, 4)
     )
+}
+
+/// An enrollment context row.
+fn enrollment_at(row: &AnyRow) -> Result<EnrollmentContext, RegistryError> {
+    let kind: Option<String> = row.try_get("credential_kind")?;
+    let credential = match kind {
+        None => None,
+        Some(kind) => Some(Credential {
+            kind,
+            secret: row.try_get("credential_secret")?,
+            used_at: row.try_get("credential_used_at")?,
+        }),
+    };
+    Ok(EnrollmentContext {
+        device: device_from_row(row)?,
+        credential,
+        prior: prior_at(row)?,
+    })
+}
+
+/// A renewal context row.
+fn renewal_at(row: &AnyRow) -> Result<RenewalContext, RegistryError> {
+    let count: i64 = row.try_get("successor_key_count")?;
+    let successor_keys = match count {
+        0 => SuccessorKeys::None,
+        1 => SuccessorKeys::One(row.try_get("successor_key")?),
+        _ => SuccessorKeys::Several,
+    };
+    Ok(RenewalContext {
+        device: device_from_row(row)?,
+        prior: prior_at(row)?,
+        current: certificate_at(row, "c")?,
+        successor_keys,
+    })
 }
 
 /// The prior request of a context row (`r` and `p`), if there was one.

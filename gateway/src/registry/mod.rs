@@ -98,6 +98,10 @@ pub enum RegistryError {
     /// rolled back).
     #[error("database error (group commit): {0}")]
     GroupCommit(String),
+    /// The read shared by this request and others failed (each of them gets
+    /// this error).
+    #[error("database error (read shared with other requests): {0}")]
+    SharedRead(String),
     /// The thread that runs the group commits could not be started.
     #[error("cannot start the group commit thread: {0}")]
     CommitThread(#[source] std::io::Error),
@@ -451,7 +455,7 @@ pub struct Registry {
     backend: Backend,
     /// SQLite has one writer; taking turns in-process avoids SQLITE_BUSY when
     /// a deferred transaction upgrades to a write.
-    write_turn: Mutex<()>,
+    write_turn: std::sync::Arc<Mutex<()>>,
     /// Certificates waiting to be recorded by the next group commit.
     commit_queue: std::sync::Mutex<Vec<Queued>>,
     commits: std::sync::Arc<CommitStats>,
@@ -520,13 +524,15 @@ impl Committer {
     }
 }
 
-/// One transaction for `group`, run on the [`Committer`]'s thread; each
-/// record's outcome goes to its caller.
+/// One transaction for `group`, run on the [`Committer`]'s thread while
+/// holding the registry's write turn; each record's outcome goes to its
+/// caller.
 async fn commit_group(
     pool: AnyPool,
     backend: Backend,
     stats: std::sync::Arc<CommitStats>,
     group: Vec<Queued>,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 ) {
     match write_group(&pool, backend, &stats, &group).await {
         Ok(results) => {
@@ -656,7 +662,7 @@ impl Registry {
         let registry = Registry {
             pool,
             backend,
-            write_turn: Mutex::new(()),
+            write_turn: std::sync::Arc::default(),
             commit_queue: std::sync::Mutex::new(Vec::new()),
             commits: std::sync::Arc::default(),
             committer: Committer::start()?,
@@ -875,8 +881,8 @@ impl Registry {
                 "the transaction holding this record was abandoned".into(),
             ))
         };
-        let turn = self.write_turn.lock().await;
         loop {
+            let turn = self.write_turn.clone().lock_owned().await;
             match outcome.try_recv() {
                 Ok(result) => return result,
                 // Its group's committer failed before answering.
@@ -889,15 +895,17 @@ impl Registry {
                 queue.drain(..take).collect()
             };
             if group.is_empty() {
-                // Its record is in a group still being written, whose caller
-                // went away and left the turn; the answer comes from there.
+                // Not expected (a record is either queued or answered by the
+                // time the turn is free), but its answer can only come from
+                // whoever took it.
                 drop(turn);
                 return outcome.await.unwrap_or_else(|_| Err(abandoned()));
             }
-            // The task answers the group's callers itself, so a caller that
-            // goes away meanwhile (this one included) loses nothing; one that
-            // fails takes the group's senders with it, and their callers see
-            // the abandoned outcome above.
+            // The task holds the write turn until the group is committed and
+            // answered, and answers the group's callers itself: a caller
+            // that goes away meanwhile (this one included) neither abandons
+            // the others' records nor lets another writer in while the
+            // transaction is open.
             let _ = self
                 .committer
                 .handle
@@ -906,6 +914,7 @@ impl Registry {
                     self.backend,
                     self.commits.clone(),
                     group,
+                    turn,
                 ))
                 .await;
         }

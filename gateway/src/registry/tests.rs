@@ -9,6 +9,7 @@ on_both_backends!(
     batch_counts_follow_enrollment,
     concurrent_context_reads_share_statements,
     a_group_outlives_the_caller_that_started_it,
+    a_read_abandoned_by_its_caller_is_read_again,
     group_commit_refuses_records_alone,
     group_commit_writes_a_clean_group_at_once,
     a_certificate_is_renewed_for_one_key,
@@ -519,6 +520,35 @@ async fn a_group_outlives_the_caller_that_started_it(db: TestDatabase) {
     }
     let commits = registry.commit_stats();
     assert_eq!((commits.groups, commits.records), (1, 2));
+}
+
+/// A batched read runs in the future of the caller that took the turn: when
+/// that caller goes away mid-read, the other requests of its batch are read
+/// again rather than failed.
+async fn a_read_abandoned_by_its_caller_is_read_again(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    enrolled(&registry, "x", "x001", 1).await;
+    enrolled(&registry, "y", "y001", 2).await;
+    // Both turns held here, so both requests queue for one batch.
+    let held = registry
+        .reads
+        .turns
+        .acquire_many(context::READ_TURNS as u32)
+        .await
+        .unwrap();
+    let mut x = Box::pin(registry.enrollment_context("x", "enroll", "e"));
+    let mut y = Box::pin(registry.enrollment_context("y", "enroll", "e"));
+    poll_pending(x.as_mut()).await;
+    poll_pending(y.as_mut()).await;
+    drop(held);
+    // `x` takes a turn and both keys, starts the statement, and goes away.
+    poll_pending(x.as_mut()).await;
+    drop(x);
+    let y = y.await.unwrap().unwrap();
+    assert_eq!(y.device.id, "y");
+    assert_eq!(y.prior.unwrap().certificate.serial, "y001");
 }
 
 /// Polls `future` once, which must leave it pending.
