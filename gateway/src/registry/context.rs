@@ -504,13 +504,7 @@ mod tests {
             for i in 0..64 * columns {
                 query = query.bind(format!("v{i}"));
             }
-            let plan: Vec<String> = query
-                .fetch_all(&registry.pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.try_get::<String, _>("detail").unwrap())
-                .collect();
+            let plan = registry.plan_steps(query).await;
             assert!(
                 plan.iter()
                     .any(|step| step.contains("sqlite_autoindex_devices_1 (id=?)")),

@@ -1510,6 +1510,23 @@ pub fn now() -> i64 {
 }
 
 #[cfg(test)]
+impl Registry {
+    /// The steps of SQLite's plan for `explain` (an `EXPLAIN QUERY PLAN`).
+    async fn plan_steps(
+        &self,
+        explain: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Vec<String> {
+        explain
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get::<String, _>("detail").unwrap())
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests;
 
 /// An [`AuditEntry`] from a row of every `audit_log` column.
