@@ -1135,3 +1135,39 @@ async fn a_certificate_is_renewed_for_one_key(db: TestDatabase) {
         "found by the group path"
     );
 }
+
+/// While a group's transaction is open, no other writer gets the write turn,
+/// even after the caller that started the group went away (SQLite: a second
+/// writer would meet SQLITE_BUSY).
+#[tokio::test]
+async fn sqlite_the_write_turn_stays_with_an_open_group() {
+    use sqlx::Connection;
+    let Some((registry, keep)) = registry(TestDatabase::Sqlite).await else {
+        unreachable!("SQLite needs no server");
+    };
+    registry
+        .add_device(&new_device("a", "s", "a@x.io"), b"sealed", 10)
+        .await
+        .unwrap();
+    // Another connection holds SQLite's write lock, so the group's first
+    // write waits (busy_timeout) with its transaction open.
+    let mut lock = sqlx::SqliteConnection::connect(&keep.url).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let (first, audit_a) = (issuance("a", "a001", 1, "r"), audit("a"));
+    let mut a = Box::pin(registry.record_enrollment(&first, &audit_a));
+    poll_pending(a.as_mut()).await;
+    assert!(registry.queue().is_empty(), "the group was handed over");
+    drop(a);
+    assert!(
+        registry.write_turn.try_lock().is_err(),
+        "the turn went free with the group's transaction open"
+    );
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    // The group commits, then the turn is free again.
+    let _turn = registry.write_turn.lock().await;
+    let device = registry.device("a").await.unwrap().unwrap();
+    assert_eq!(device.status, DeviceStatus::Active);
+}
