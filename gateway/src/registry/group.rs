@@ -44,6 +44,13 @@ fn case(column: &str, pairs: &[(String, String)]) -> String {
     sql
 }
 
+/// `$1, $2, …` up to `$n`.
+fn numbered(n: usize) -> String {
+    let mut p = Placeholders::default();
+    let placeholders: Vec<String> = (0..n).map(|_| p.next()).collect();
+    placeholders.join(", ")
+}
+
 fn list(placeholders: &[(String, String)]) -> String {
     let keys: Vec<&str> = placeholders.iter().map(|(k, _)| k.as_str()).collect();
     keys.join(", ")
@@ -203,11 +210,9 @@ async fn statements(
 
     // No certificate renewed meanwhile for another key (see write_renewal).
     if !renewals.is_empty() {
-        let mut p = Placeholders::default();
-        let placeholders: Vec<String> = renewals.iter().map(|_| p.next()).collect();
         let sql = format!(
             "SELECT renewed_from, key_fingerprint FROM certificates WHERE renewed_from IN ({})",
-            placeholders.join(", ")
+            numbered(renewals.len())
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (issuance, _) in &renewals {
@@ -237,11 +242,9 @@ async fn statements(
             return Ok(false);
         }
     }
-    let mut p = Placeholders::default();
-    let placeholders: Vec<String> = keys.keys().map(|_| p.next()).collect();
     let sql = format!(
         "SELECT key_fingerprint, device_id FROM device_keys WHERE key_fingerprint IN ({})",
-        placeholders.join(", ")
+        numbered(keys.len())
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for key in keys.keys() {

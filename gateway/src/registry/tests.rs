@@ -60,6 +60,11 @@ fn audit(device: &str) -> AuditEntry {
     AuditEntry::new(150, format!("device:{device}"), "enroll").device(device)
 }
 
+/// The audit entry of a renewal by device d1.
+fn renew_audit() -> AuditEntry {
+    AuditEntry::new(160, "device:d1", "renew").device("d1")
+}
+
 async fn add_list_and_show(db: TestDatabase) {
     let Some((registry, _keep)) = registry(db).await else {
         return;
@@ -304,7 +309,6 @@ async fn renewal_context_reads_certificate_successors_and_rid(db: TestDatabase) 
         assert_eq!(other.successor_keys, SuccessorKeys::None, "{serial}");
     }
 
-    let renew_audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
     registry
         .record_renewal(
             &renewal("d1", "4002", "4001", 2, "r1", 1_000),
@@ -586,7 +590,6 @@ async fn renewal_counter_must_grow(db: TestDatabase) {
         return;
     };
     enrolled(&registry, "d1", "4001", 1).await;
-    let renew_audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
     registry
         .record_renewal(
             &renewal("d1", "4002", "4001", 2, "r1", 1_000),
@@ -661,7 +664,6 @@ async fn revoke_suspend_resume_track_certificates(db: TestDatabase) {
         return;
     };
     enrolled(&registry, "d1", "4001", 1).await;
-    let renew_audit = || AuditEntry::new(160, "device:d1", "renew").device("d1");
     registry
         .record_renewal(
             &renewal("d1", "4002", "4001", 2, "r1", 1_000),

@@ -185,12 +185,7 @@ async fn mqtt5_violations_get_a_disconnect_before_the_close() {
     let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
     let a = h.identity_for("dev-a");
     let tls = idgate_tests::tls_with_identity(&h.root_ca(), &a);
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let mut stream = tls_to(h.gateway.mqtt_address(), &tls).await;
 
     let mut connect = mqtt_string("MQTT");
     connect.extend_from_slice(&[5, 0x02, 0, 60, 0]); // level 5, clean start, keep alive, no properties
@@ -289,16 +284,11 @@ async fn the_front_keeps_the_keep_alive() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::start(TestDatabase::Sqlite).await.unwrap();
     let tls = idgate_tests::tls_trusting(&h.root_ca());
-    let connector = tokio_rustls::TlsConnector::from(tls);
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut connect = mqtt_string("MQTT");
     connect.extend_from_slice(&[4, 0x02, 0, 1]); // 3.1.1, clean session, keep-alive 1 s
     connect.extend_from_slice(&mqtt_string("pinger"));
     let connect = packet(0x10, &connect);
-    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
-        .await
-        .unwrap();
-    let mut stream = connector.connect(name.clone(), tcp).await.unwrap();
+    let mut stream = tls_to(h.gateway.mqtt_address(), &tls).await;
     stream.write_all(&connect).await.unwrap();
     let mut answer = [0u8; 4];
     stream.read_exact(&mut answer).await.unwrap();
@@ -319,10 +309,7 @@ async fn the_front_keeps_the_keep_alive() {
     assert!(started.elapsed() >= Duration::from_millis(1400));
 
     // DISCONNECT ends the connection at once.
-    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
-        .await
-        .unwrap();
-    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let mut stream = tls_to(h.gateway.mqtt_address(), &tls).await;
     stream.write_all(&connect).await.unwrap();
     stream.read_exact(&mut answer).await.unwrap();
     stream.write_all(&[0xe0, 0]).await.unwrap();
@@ -394,14 +381,11 @@ async fn pings_are_answered_while_the_service_is_behind() {
         .unwrap();
 
     let tls = idgate_tests::tls_trusting(&h.root_ca());
-    let connector = tokio_rustls::TlsConnector::from(tls);
     let open = |id: &'static str| {
-        let connector = connector.clone();
+        let tls = tls.clone();
         let address = h.gateway.mqtt_address();
         async move {
-            let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let mut stream = connector.connect(name, tcp).await.unwrap();
+            let mut stream = tls_to(address, &tls).await;
             let mut connect = mqtt_string("MQTT");
             connect.extend_from_slice(&[4, 0x02, 0, 60]);
             connect.extend_from_slice(&mqtt_string(id));
@@ -450,6 +434,20 @@ async fn pings_are_answered_while_the_service_is_behind() {
     h.gateway.shutdown().await;
 }
 
+/// A TLS connection to the gateway's MQTT listener at `address`, the client
+/// configured by `tls`; nothing sent on it yet.
+async fn tls_to(
+    address: std::net::SocketAddr,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 /// A raw MQTT 5 connection over TLS, after an accepting CONNACK: client id
 /// `client_id`, Clean Start, CONNECT properties `properties` (encoded, as
 /// they go in the block).
@@ -459,12 +457,8 @@ async fn open_v5(
     properties: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
-    let connector = tokio_rustls::TlsConnector::from(idgate_tests::tls_trusting(&h.root_ca()));
-    let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let tls = idgate_tests::tls_trusting(&h.root_ca());
+    let mut stream = tls_to(h.gateway.mqtt_address(), &tls).await;
     let mut connect = mqtt_string("MQTT");
     connect.extend_from_slice(&[5, 0x02, 0, 60]); // level 5, clean start, keep-alive
     connect.push(u8::try_from(properties.len()).unwrap());
@@ -557,17 +551,13 @@ async fn a_taken_over_mqtt5_client_is_told_why() {
     second.write_all(&[0xc0, 0]).await.unwrap();
     assert_eq!(read_packet(&mut second).await, [0xd0, 0], "PINGRESP");
 
-    let connector = tokio_rustls::TlsConnector::from(idgate_tests::tls_trusting(&h.root_ca()));
+    let tls = idgate_tests::tls_trusting(&h.root_ca());
     let mut connect = mqtt_string("MQTT");
     connect.extend_from_slice(&[4, 0x02, 0, 60]);
     connect.extend_from_slice(&mqtt_string("twin-4"));
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(h.gateway.mqtt_address())
-            .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut stream = connector.connect(name, tcp).await.unwrap();
+        let mut stream = tls_to(h.gateway.mqtt_address(), &tls).await;
         stream.write_all(&packet(0x10, &connect)).await.unwrap();
         assert_eq!(read_packet(&mut stream).await, [0x20, 2, 0, 0]);
         streams.push(stream);

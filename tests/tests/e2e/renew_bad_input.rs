@@ -14,7 +14,7 @@ use idgate_tests::{Harness, RawClient};
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::DecodePrivateKey;
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::{CertificateParams, KeyPair};
 
 crate::on_both_backends!(
     bad_renewals_are_refused,
@@ -41,14 +41,11 @@ async fn enrolled(h: &Harness, id: &str) -> (Device, Enrolled) {
     (device, enrolled)
 }
 
+/// A CSR for a new key.
 fn new_csr() -> Vec<u8> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .der()
-        .to_vec()
+    csr_of(&SigningKey::random(
+        &mut p256::elliptic_curve::rand_core::OsRng,
+    ))
 }
 
 /// A CSR for the key `key`.
