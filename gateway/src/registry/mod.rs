@@ -645,17 +645,23 @@ impl Registry {
         };
         let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
         options = match backend {
-            Backend::Sqlite => options.max_connections(4).after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::raw_sql(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+            // A connection to a local file cannot go stale, so no ping
+            // before each use: on SQLite that ping is one more round trip
+            // to sqlx's worker thread before every read and every group.
+            Backend::Sqlite => options
+                .max_connections(4)
+                .test_before_acquire(false)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::raw_sql(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                          PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
-                    )
-                    .execute(conn)
-                    .await?;
-                    Ok(())
-                })
-            }),
+                        )
+                        .execute(conn)
+                        .await?;
+                        Ok(())
+                    })
+                }),
             Backend::Postgres => options.max_connections(16),
         };
         let pool = options.connect(url).await?;
