@@ -381,7 +381,7 @@ fn certificate_identity(der: &[u8]) -> Option<(Identity, String, String)> {
 async fn connection(
     stream: TcpStream,
     front: &Front,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let limits = front.limits;
@@ -405,7 +405,7 @@ async fn connection(
         let connect = read_connect(&mut tls).await?;
         Ok::<_, String>((tls, connect))
     };
-    let (mut tls, connect) = tokio::time::timeout_at(deadline, started)
+    let (tls, connect) = tokio::time::timeout_at(deadline, started)
         .await
         .map_err(|_| "handshake timed out".to_owned())??;
 
@@ -415,6 +415,20 @@ async fn connection(
             certificate_identity(leaf).ok_or("client certificate names no device or station")?,
         ),
     };
+    session(tls, connect, identity, front, shutdown).await
+}
+
+/// One connection past its handshake: `tls`, the decrypted stream, has
+/// delivered `connect`; `identity` is what the client certificate names (its
+/// identity, label and serial), `None` without one.
+async fn session(
+    mut tls: impl AsyncRead + tokio::io::AsyncWrite + Unpin,
+    connect: Connect,
+    identity: Option<(Identity, String, String)>,
+    front: &Front,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let limits = front.limits;
     let guard_identity = match &identity {
         Some((identity, _, _)) => identity.clone(),
         None => Identity::Anonymous,
