@@ -46,6 +46,17 @@ use super::{Message, REQUEST_FILTERS};
 /// reply to a connection that does not read is dropped, as QoS 0 allows.
 pub const QUEUE: usize = 64;
 
+/// A request the service takes directly, and the PUBACK owed for it (QoS
+/// 1). The PUBACK tells the client that the gateway has the request, so it
+/// is sent only once the service has it (see `front`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The request.
+    pub message: Message,
+    /// The PUBACK to send once the service has the request.
+    pub puback: Option<Vec<u8>>,
+}
+
 /// A connection waiting for replies.
 #[derive(Debug)]
 struct Route {
@@ -332,16 +343,17 @@ impl<'a> ConnectionRoutes<'a> {
     }
 
     /// Takes the complete packets the guard let through (`packets`): a
-    /// SUBSCRIBE or UNSUBSCRIBE of reply filters only is answered here, a
-    /// request the service subscribes to is appended to `requests` (and a
-    /// QoS 1 one acknowledged here), the answers appended to `answers`;
-    /// everything else is appended to `to_broker` unchanged and in order.
+    /// SUBSCRIBE or UNSUBSCRIBE of reply filters only is answered here, the
+    /// answers appended to `answers`; a request the service subscribes to
+    /// is appended to `requests`, with its PUBACK if it is QoS 1 (in the
+    /// order of the PUBLISHes); everything else is appended to `to_broker`
+    /// unchanged and in order.
     pub fn route(
         &mut self,
         packets: &[u8],
         to_broker: &mut Vec<u8>,
         answers: &mut Vec<Vec<u8>>,
-        requests: &mut Vec<Message>,
+        requests: &mut Vec<Request>,
     ) {
         let mut rest = packets;
         while !rest.is_empty() {
@@ -365,12 +377,9 @@ impl<'a> ConnectionRoutes<'a> {
                 0x82 => self.subscribe(body),
                 0xa2 => self.unsubscribe(body),
                 first if first >> 4 == 3 => match self.request(first, body) {
-                    Some((request, ack)) => {
+                    Some(request) => {
                         requests.push(request);
-                        match ack {
-                            Some(ack) => Some(ack),
-                            None => continue,
-                        }
+                        continue;
                     }
                     None => None,
                 },
@@ -419,7 +428,7 @@ impl<'a> ConnectionRoutes<'a> {
     /// of a QoS 1 one. A QoS 1 request waits its turn in rumqttd while
     /// rumqttd owes the client an acknowledgement, so that PUBACKs still
     /// come in the order of the PUBLISHes (MQTT 3.1.1 §4.6).
-    fn request(&self, first: u8, body: &[u8]) -> Option<(Message, Option<Vec<u8>>)> {
+    fn request(&self, first: u8, body: &[u8]) -> Option<Request> {
         let qos = (first >> 1) & 3;
         if first & 1 != 0 || qos > 1 {
             return None;
@@ -447,8 +456,8 @@ impl<'a> ConnectionRoutes<'a> {
             retain: false,
         };
         // PUBACK, success; MQTT 5 allows leaving out the reason code.
-        let ack = id.map(|id| vec![0x40, 0x02, id[0], id[1]]);
-        Some((message, ack))
+        let puback = id.map(|id| vec![0x40, 0x02, id[0], id[1]]);
+        Some(Request { message, puback })
     }
 
     /// The SUBACK for a SUBSCRIBE body of reply filters only; `None` leaves
@@ -932,7 +941,7 @@ mod tests {
     fn route_all(
         routes: &mut ConnectionRoutes<'_>,
         input: &[u8],
-    ) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Message>) {
+    ) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Request>) {
         let (mut to_broker, mut answers, mut requests) = (Vec::new(), Vec::new(), Vec::new());
         routes.route(input, &mut to_broker, &mut answers, &mut requests);
         (to_broker, answers, requests)
@@ -950,18 +959,21 @@ mod tests {
             assert!(to_broker.is_empty() && answers.is_empty(), "level {level}");
             assert_eq!(
                 requests,
-                vec![Message {
-                    topic: TOPIC.into(),
-                    payload: b"req".to_vec(),
-                    retain: false
+                vec![Request {
+                    message: Message {
+                        topic: TOPIC.into(),
+                        payload: b"req".to_vec(),
+                        retain: false
+                    },
+                    puback: None,
                 }]
             );
-            // QoS 1: taken and acknowledged here.
+            // QoS 1: taken, with the PUBACK to send once the service has it.
             let (to_broker, answers, requests) =
                 route_all(&mut conn, &publish(level, 0x32, TOPIC, b"req"));
-            assert!(to_broker.is_empty());
-            assert_eq!(answers, vec![vec![0x40, 2, 0, 5]]);
-            assert_eq!(requests[0].payload, b"req");
+            assert!(to_broker.is_empty() && answers.is_empty());
+            assert_eq!(requests[0].message.payload, b"req");
+            assert_eq!(requests[0].puback, Some(vec![0x40, 2, 0, 5]));
             // Station requests too.
             let station = "idgate/v1/stations/st-1/devices/d-1/enroll/cbor";
             let (_, _, requests) = route_all(&mut conn, &publish(level, 0x30, station, b"s"));
@@ -1006,9 +1018,9 @@ mod tests {
         let mut boundaries = Boundaries::default();
         assert_eq!(advance(&mut boundaries, &[0x40, 2, 0, 5, 0x40, 2, 0, 5]), 2);
         acks.fetch_sub(2, Ordering::AcqRel);
-        let (to_broker, answers, _) = route_all(&mut conn, &request);
+        let (to_broker, _, requests) = route_all(&mut conn, &request);
         assert!(to_broker.is_empty());
-        assert_eq!(answers.len(), 1);
+        assert!(requests[0].puback.is_some());
         // After a QoS 2 PUBLISH, QoS 1 requests stay with rumqttd.
         route_all(
             &mut conn,

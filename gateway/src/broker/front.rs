@@ -563,7 +563,7 @@ async fn session(
                 }
                 for request in requests.drain(..) {
                     let service = &front.upstream.requests;
-                    match service.try_send(request) {
+                    match service.try_send(request.message) {
                         Ok(()) => {}
                         Err(TrySendError::Closed(_)) => {
                             return Err("the service has stopped".to_owned());
@@ -573,7 +573,7 @@ async fn session(
                         // own, so that it still reads — and answers PINGREQ
                         // — instead of dropping devices whose keep-alive is
                         // short. Past that, the connection waits too.
-                        Err(TrySendError::Full(request)) => {
+                        Err(TrySendError::Full(message)) => {
                             let turn = waiting
                                 .clone()
                                 .acquire_owned()
@@ -581,10 +581,21 @@ async fn session(
                                 .map_err(|_| "connection closing".to_owned())?;
                             let service = service.clone();
                             tokio::spawn(async move {
-                                let _ = service.send(request).await;
+                                let _ = service.send(message).await;
                                 drop(turn);
                             });
                         }
+                    }
+                    // Only now is the request the service's (in its queue,
+                    // or with a task of its own that outlives the
+                    // connection): a request dropped while the connection
+                    // waited for a turn (taken over, revoked, shut down)
+                    // is never acknowledged, and the client sends it again.
+                    if let Some(puback) = request.puback {
+                        direct_tx
+                            .send(puback)
+                            .await
+                            .map_err(|_| "connection closing".to_owned())?;
                     }
                 }
                 let writer = broker_write.as_mut();
@@ -1136,6 +1147,145 @@ mod tests {
         let mut rest = Vec::new();
         device.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// A front whose rumqttd listens at `broker` (both ports) and whose
+    /// service queue is `requests`.
+    fn front_for(
+        broker: SocketAddr,
+        requests: tokio::sync::mpsc::Sender<super::super::Message>,
+    ) -> Front {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let certificate = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![certificate.der().clone()],
+                    PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap();
+        let (_, tls) = watch::channel(Arc::new(config));
+        let (_, revoked) = watch::channel(Arc::default());
+        let upstream = Upstream {
+            v4: broker,
+            v5: broker,
+            direct: Arc::default(),
+            requests,
+        };
+        Front::new(tls, upstream, Limits::default(), Arc::default(), revoked)
+    }
+
+    /// A clean CONNECT for protocol `level` without keep-alive or
+    /// properties.
+    fn connect_for(level: u8, client_id: &str) -> Connect {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 0];
+        if level == 5 {
+            body.push(0);
+        }
+        body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut bytes = vec![0x10];
+        direct::remaining_length(body.len(), &mut bytes);
+        bytes.extend_from_slice(&body);
+        Connect { bytes, level }
+    }
+
+    /// A session of `front` after `connect`, from `identity`, over an
+    /// in-memory pipe holding `capacity` bytes each way: the client's end,
+    /// the session's task, and its shutdown switch (the session stops when
+    /// the switch goes).
+    fn start_session(
+        front: &Front,
+        connect: Connect,
+        identity: Option<(Identity, String, String)>,
+        capacity: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Result<(), String>>,
+        watch::Sender<bool>,
+    ) {
+        let (client, server) = tokio::io::duplex(capacity);
+        let (stop, shutdown) = watch::channel(false);
+        let front = front.clone();
+        let task =
+            tokio::spawn(async move { session(server, connect, identity, &front, shutdown).await });
+        (client, task, stop)
+    }
+
+    /// A QoS 1 PUBLISH of `payload` on `topic` with packet id `id`, MQTT
+    /// 3.1.1.
+    fn qos1_publish(topic: &str, id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut body = u16::try_from(topic.len()).unwrap().to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(payload);
+        let mut packet = vec![0x32];
+        direct::remaining_length(body.len(), &mut packet);
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    /// A PUBACK tells the client the gateway has its request: a request
+    /// still waiting for room in the service's queue when its connection is
+    /// taken over is dropped, and must never have been acknowledged.
+    #[tokio::test]
+    async fn a_request_dropped_at_takeover_was_never_acknowledged() {
+        const TOPIC: &str = "idgate/v1/devices/d-1/enroll/cbor";
+        let (service, mut queue) = tokio::sync::mpsc::channel(1);
+        let first = super::super::Message {
+            topic: TOPIC.into(),
+            payload: b"0".to_vec(),
+            retain: false,
+        };
+        service.send(first).await.unwrap();
+        let front = front_for(SocketAddr::from(([127, 0, 0, 1], 9)), service);
+        let (mut device, session, _stop) =
+            start_session(&front, connect_for(4, "dev"), None, 64 * 1024);
+        let mut connack = [0u8; 4];
+        device.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "the front's own CONNACK");
+
+        // The queue is full: the first requests wait for room on their own,
+        // the last one with the connection.
+        let sent = u16::try_from(WAITING_REQUESTS).unwrap() + 1;
+        let requests: Vec<u8> = (1..=sent)
+            .flat_map(|id| qos1_publish(TOPIC, id, id.to_string().as_bytes()))
+            .collect();
+        device.write_all(&requests).await.unwrap();
+        for id in 1..sent {
+            let mut puback = [0u8; 4];
+            device.read_exact(&mut puback).await.unwrap();
+            assert_eq!(puback, [0x40, 2, 0, u8::try_from(id).unwrap()]);
+        }
+        // Taken over while the last one waits for its turn.
+        front.sessions.claim_client_id("_anon.dev");
+        let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+        assert_eq!(ended.unwrap().unwrap(), Err(TAKEN_OVER.to_owned()));
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "no PUBACK for the dropped request: {rest:?}"
+        );
+
+        // The service gets every acknowledged request, and only those.
+        drop(front);
+        let mut delivered = Vec::new();
+        while let Some(request) = tokio::time::timeout(Duration::from_secs(10), queue.recv())
+            .await
+            .unwrap()
+        {
+            delivered.push(String::from_utf8(request.payload).unwrap());
+        }
+        delivered.sort();
+        let acknowledged: Vec<String> = (0..sent).map(|id| id.to_string()).collect();
+        assert_eq!(delivered, acknowledged);
     }
 
     #[test]
