@@ -444,9 +444,9 @@ async fn session(
     let connect_bytes = match guard::admit_connect(&guard_identity, &connect.bytes) {
         Ok(bytes) => bytes,
         Err(refusal) => {
-            let _ = tls
-                .write_all(&guard::connack_refusal(connect.level, &refusal))
-                .await;
+            if let Some(connack) = guard::connack_refusal(connect.level, &refusal) {
+                let _ = tls.write_all(&connack).await;
+            }
             let _ = tls.shutdown().await;
             return Err(format!("CONNECT refused: {refusal}"));
         }
@@ -1184,9 +1184,16 @@ mod tests {
     /// A clean CONNECT for protocol `level` without keep-alive or
     /// properties.
     fn connect_for(level: u8, client_id: &str) -> Connect {
+        connect_with(level, client_id, &[])
+    }
+
+    /// A clean CONNECT for protocol `level` without keep-alive, with MQTT 5
+    /// `properties` (encoded, as they go in the block).
+    fn connect_with(level: u8, client_id: &str, properties: &[u8]) -> Connect {
         let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 0];
         if level == 5 {
-            body.push(0);
+            direct::remaining_length(properties.len(), &mut body);
+            body.extend_from_slice(properties);
         }
         body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
         body.extend_from_slice(client_id.as_bytes());
@@ -1286,6 +1293,28 @@ mod tests {
         delivered.sort();
         let acknowledged: Vec<String> = (0..sent).map(|id| id.to_string()).collect();
         assert_eq!(delivered, acknowledged);
+    }
+
+    /// A CONNECT that breaks a rule MQTT 5 calls a Protocol Error is
+    /// refused with CONNACK 0x82, not 0x81 (Malformed Packet).
+    #[tokio::test]
+    async fn protocol_errors_in_connect_are_refused_as_such() {
+        let (service, _queue) = tokio::sync::mpsc::channel(1);
+        let front = front_for(SocketAddr::from(([127, 0, 0, 1], 9)), service);
+        for properties in [
+            // Maximum Packet Size 0 (§3.1.2.11.4).
+            &[0x27, 0, 0, 0, 0][..],
+            // A property given twice (§2.2.2.2).
+            &[0x11, 0, 0, 0, 0, 0x11, 0, 0, 0, 0],
+        ] {
+            let connect = connect_with(5, "dev", properties);
+            let (mut device, session, _stop) = start_session(&front, connect, None, 1024);
+            let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+            assert!(ended.unwrap().unwrap().is_err());
+            let mut answer = Vec::new();
+            device.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, [0x20, 3, 0, 0x82, 0], "{properties:02x?}");
+        }
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub enum Refusal {
     /// Not a well-formed MQTT 3.1.1 or 5 packet, or one a client may not send.
     #[error("malformed MQTT packet")]
     Malformed,
+    /// A well-formed packet that breaks a rule of MQTT 5 the spec calls a
+    /// Protocol Error (reason 0x82): a property given twice (§2.2.2.2), a
+    /// Maximum Packet Size of 0 (§3.1.2.11.4).
+    #[error("MQTT protocol error: {0}")]
+    ProtocolError(&'static str),
     /// A packet larger than [`MAX_PACKET`].
     #[error("MQTT packet larger than {MAX_PACKET} bytes")]
     TooLarge,
@@ -214,8 +219,13 @@ fn force_clean_start(packet: &mut [u8]) -> Result<(), Refusal> {
 }
 
 /// The CONNACK refusing a connection for `refusal`, at protocol `level` (5:
-/// MQTT 5, anything else: the 3.1.1 layout), to send before closing.
-pub fn connack_refusal(level: u8, refusal: &Refusal) -> Vec<u8> {
+/// MQTT 5, anything else: the 3.1.1 layout), to send before closing; `None`
+/// where the connection is closed without one.
+///
+/// MQTT 3.1.1 has no return code for a protocol error, and closes the
+/// connection on one without a CONNACK (§4.8; its CONNECT has no
+/// properties, so this does not arise from the guard's checks).
+pub fn connack_refusal(level: u8, refusal: &Refusal) -> Option<Vec<u8>> {
     let client_id = matches!(
         refusal,
         Refusal::ClientIdMismatch | Refusal::ClientIdInvalid
@@ -223,11 +233,13 @@ pub fn connack_refusal(level: u8, refusal: &Refusal) -> Vec<u8> {
     if level == 5 {
         // Client Identifier not valid, or the reason a DISCONNECT would give.
         let reason = if client_id { 0x85 } else { reason_v5(refusal) };
-        vec![0x20, 3, 0, reason, 0]
+        Some(vec![0x20, 3, 0, reason, 0])
+    } else if matches!(refusal, Refusal::ProtocolError(_)) {
+        None
     } else {
         // Identifier rejected, or not authorized.
         let code = if client_id { 2 } else { 5 };
-        vec![0x20, 2, 0, code]
+        Some(vec![0x20, 2, 0, code])
     }
 }
 
@@ -248,6 +260,7 @@ pub fn taken_over_packet(level: u8) -> Option<Vec<u8>> {
 fn reason_v5(refusal: &Refusal) -> u8 {
     match refusal {
         Refusal::Malformed => 0x81,
+        Refusal::ProtocolError(_) => 0x82,
         Refusal::TooLarge => 0x95,
         // Quota exceeded.
         Refusal::TooManySubscriptions(_) => 0x97,
@@ -699,14 +712,27 @@ struct Properties {
 }
 
 /// Parses an MQTT 5 property block (length, then identifier/value pairs);
-/// unknown identifiers are malformed.
+/// unknown identifiers are malformed, and a property other than User
+/// Property given twice is a protocol error (MQTT 5 §2.2.2.2; a client
+/// never sends the one other that may repeat, Subscription Identifier in
+/// PUBLISH).
 fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
+    const USER_PROPERTY: usize = 0x26;
     let len = r.varint()?;
     let base = r.position();
     let mut p = Reader::new(r.take(len)?);
     let mut found = Properties::default();
+    // Identifiers seen so far; every known one is below 64.
+    let mut seen = 0u64;
     while !p.is_empty() {
-        match p.varint()? {
+        let id = p.varint()?;
+        if id < 64 && id != USER_PROPERTY {
+            if seen & (1 << id) != 0 {
+                return Err(Refusal::ProtocolError("a property given twice"));
+            }
+            seen |= 1 << id;
+        }
+        match id {
             0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => {
                 p.u8()?;
             }
@@ -725,12 +751,13 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
                 p.u32()?;
             }
             0x27 => {
-                // Zero, or the property twice, is a protocol error (MQTT 5
-                // §3.1.2.11.4): there would be no limit to honour.
+                // Zero is a protocol error (MQTT 5 §3.1.2.11.4): there
+                // would be no limit to honour.
                 let size = p.u32()?;
-                if size == 0 || found.max_packet_size.replace(size).is_some() {
-                    return Err(Refusal::Malformed);
+                if size == 0 {
+                    return Err(Refusal::ProtocolError("Maximum Packet Size 0"));
                 }
+                found.max_packet_size = Some(size);
             }
             0x0b => {
                 p.varint()?;
@@ -1327,17 +1354,50 @@ mod tests {
             session_terms(&admitted).unwrap().max_packet_size,
             Some(1024)
         );
-        // Zero, or the property twice: a protocol error.
-        for properties in [
-            vec![0x27, 0, 0, 0, 0],
-            vec![0x27, 0, 0, 0x04, 0x00, 0x27, 0, 0, 0x04, 0x00],
+        // Zero, or the property twice: a protocol error (0x82), not a
+        // malformed packet (0x81).
+        for (properties, why) in [
+            (vec![0x27, 0, 0, 0, 0], "Maximum Packet Size 0"),
+            (
+                vec![0x27, 0, 0, 0x04, 0x00, 0x27, 0, 0, 0x04, 0x00],
+                "a property given twice",
+            ),
         ] {
             connect.properties = properties;
             assert_eq!(
                 admit_connect(&Identity::Anonymous, &connect.encode()),
-                Err(Refusal::Malformed)
+                Err(Refusal::ProtocolError(why))
             );
         }
+    }
+
+    #[test]
+    fn a_property_given_twice_is_a_protocol_error() {
+        let twice = Err(Refusal::ProtocolError("a property given twice"));
+        // Any property but User Property, in CONNECT and in later packets.
+        let mut connect = C::new(5, "x");
+        connect.properties = build::sample_properties();
+        connect.properties.extend_from_slice(&[0x21, 0, 20]); // receive maximum again
+        assert_eq!(
+            admit_connect(&Identity::Anonymous, &connect.encode()),
+            twice
+        );
+        let mut guard = Guard::new(Identity::Anonymous, 5);
+        let topic = "idgate/v1/devices/d-1/enroll/cbor";
+        let publish = build::publish(5, topic, 0, &[0x01, 0, 0x01, 1], b"p");
+        assert_eq!(feed_all(&mut guard, &publish), twice);
+        // User Property, as often as the client likes.
+        let mut properties = Vec::new();
+        for _ in 0..3 {
+            properties.push(0x26);
+            build::string("k", &mut properties);
+            build::string("v", &mut properties);
+        }
+        connect.properties = properties.clone();
+        assert!(admit_connect(&Identity::Anonymous, &connect.encode()).is_ok());
+        let publish = build::publish(5, topic, 0, &properties, b"p");
+        let mut guard = Guard::new(Identity::Anonymous, 5);
+        assert_eq!(feed_all(&mut guard, &publish), Ok(publish));
     }
 
     #[test]
@@ -1487,33 +1547,48 @@ mod tests {
     fn connack_and_disconnect_bytes() {
         assert_eq!(
             connack_refusal(4, &Refusal::ClientIdMismatch),
-            [0x20, 2, 0, 2]
+            Some(vec![0x20, 2, 0, 2])
         );
         assert_eq!(
             connack_refusal(4, &Refusal::WillNotAllowed),
-            [0x20, 2, 0, 5]
+            Some(vec![0x20, 2, 0, 5])
         );
-        assert_eq!(connack_refusal(4, &Refusal::Malformed), [0x20, 2, 0, 5]);
+        assert_eq!(
+            connack_refusal(4, &Refusal::Malformed),
+            Some(vec![0x20, 2, 0, 5])
+        );
         assert_eq!(
             connack_refusal(5, &Refusal::ClientIdMismatch),
-            [0x20, 3, 0, 0x85, 0]
+            Some(vec![0x20, 3, 0, 0x85, 0])
         );
         assert_eq!(
             connack_refusal(5, &Refusal::ClientIdInvalid),
-            [0x20, 3, 0, 0x85, 0]
+            Some(vec![0x20, 3, 0, 0x85, 0])
         );
         assert_eq!(
             connack_refusal(5, &Refusal::WillNotAllowed),
-            [0x20, 3, 0, 0x87, 0]
+            Some(vec![0x20, 3, 0, 0x87, 0])
         );
         assert_eq!(
             connack_refusal(5, &Refusal::Malformed),
-            [0x20, 3, 0, 0x81, 0]
+            Some(vec![0x20, 3, 0, 0x81, 0])
         );
         assert_eq!(
             connack_refusal(5, &Refusal::TooLarge),
-            [0x20, 3, 0, 0x95, 0]
+            Some(vec![0x20, 3, 0, 0x95, 0])
         );
+        // A protocol error: MQTT 5 says so; 3.1.1 just closes.
+        let protocol = Refusal::ProtocolError("a property given twice");
+        assert_eq!(
+            connack_refusal(5, &protocol),
+            Some(vec![0x20, 3, 0, 0x82, 0])
+        );
+        assert_eq!(connack_refusal(4, &protocol), None);
+        assert_eq!(
+            disconnect_packet(5, &protocol),
+            Some(vec![0xe0, 2, 0x82, 0])
+        );
+        assert_eq!(disconnect_packet(4, &protocol), None);
         assert_eq!(disconnect_packet(4, &Refusal::Malformed), None);
         assert_eq!(
             disconnect_packet(5, &Refusal::TopicNotAllowed("a".into())),
