@@ -499,6 +499,7 @@ async fn session(
         let mut guard = Guard::new(guard_identity, connect.level)
             .with_max_subscriptions(limits.max_subscriptions);
         let mut refused = None;
+        let (refuse, refused_rx) = watch::channel(None);
         // Reply subscriptions are held here, not in rumqttd, and requests go
         // to the service directly (see `direct`); the SUBACKs, PUBACKs and
         // replies come through `direct_rx`.
@@ -632,6 +633,7 @@ async fn session(
             broker_acks,
             taken_over: taken_over.clone(),
             goodbye: guard::taken_over_packet(connect.level),
+            refused: refused_rx,
         }
         .relay(&mut client_write);
         // A connection taken over reads nothing more from its client.
@@ -652,25 +654,36 @@ async fn session(
         } else {
             Duration::ZERO
         };
-        let outcome = tokio::select! {
-            result = inbound => result,
-            result = outbound => result,
-            _ = closed.wait_for(|close| *close) => Err("certificate revoked".to_owned()),
-            _ = async {
-                let _ = taken_over.wait_for(|taken| *taken).await;
-                if !goodbye_time.is_zero() {
-                    tokio::time::sleep(goodbye_time).await;
+        let outcome = {
+            tokio::pin!(outbound);
+            let (outcome, relay_ended) = tokio::select! {
+                result = inbound => (result, false),
+                result = &mut outbound => (result, true),
+                _ = closed.wait_for(|close| *close) => {
+                    (Err("certificate revoked".to_owned()), false)
                 }
-            } => Err(TAKEN_OVER.to_owned()),
-            _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+                _ = async {
+                    let _ = taken_over.wait_for(|taken| *taken).await;
+                    if !goodbye_time.is_zero() {
+                        tokio::time::sleep(goodbye_time).await;
+                    }
+                } => (Err(TAKEN_OVER.to_owned()), false),
+                _ = shutdown.wait_for(|stop| *stop) => (Ok(()), false),
+            };
+            // A refused MQTT 5 client is told why by `outbound`, which writes
+            // the DISCONNECT where the front writes its own packets (never
+            // inside one of rumqttd's) and ends then.
+            if let Some(packet) = refused
+                .as_ref()
+                .and_then(|refusal| guard::disconnect_packet(connect.level, refusal))
+                && !relay_ended
+            {
+                refuse.send_replace(Some(packet));
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut outbound).await;
+            }
+            outcome
         };
-        // The relay futures are gone; the client's write half is ours again.
-        if let Some(packet) = refused
-            .as_ref()
-            .and_then(|refusal| guard::disconnect_packet(connect.level, refusal))
-        {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, client_write.write_all(&packet)).await;
-        }
+        // The relay is gone; the client's write half is ours again.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, client_write.shutdown()).await;
         outcome
     }
@@ -684,6 +697,15 @@ async fn session(
 
 /// Why a connection ends when a newer one takes its client id.
 const TAKEN_OVER: &str = "a new connection took over the client id";
+
+/// Why the client-bound relay ends when the guard refuses the connection.
+const REFUSED: &str = "the connection was refused";
+
+/// The last packet a client gets as its connection ends, and why it ends.
+struct Leaving {
+    packet: Vec<u8>,
+    reason: &'static str,
+}
 
 /// The client-bound direction of a connection: rumqttd's bytes, once the
 /// connection has a rumqttd link, and the front's own packets (SUBACKs,
@@ -703,42 +725,50 @@ struct ToClient {
     /// The last packet the client gets then (MQTT 5: DISCONNECT 0x8E);
     /// `None`: the relay stops at once.
     goodbye: Option<Vec<u8>>,
+    /// Turns to the DISCONNECT telling the client why the guard refused
+    /// its connection (MQTT 5): the last packet it gets, as for a takeover.
+    refused: watch::Receiver<Option<Vec<u8>>>,
 }
 
 impl ToClient {
     /// Relays until rumqttd closes the link, a write to the client fails,
-    /// or the connection is taken over. Taken over, the client gets the
-    /// goodbye after what was queued for it and before anything rumqttd
-    /// sends later: at the end of the packet of rumqttd's being written
-    /// (never inside it, and never before rumqttd's CONNACK), after the
-    /// front's packets already queued, flushed. The client gets nothing
-    /// after it (MQTT 5 §3.14.4). A link that ends inside a packet leaves
-    /// no place for it: the client is then closed without one.
+    /// or the connection is taken over or refused. Then the client gets
+    /// the last packet (the goodbye, or the refusal's DISCONNECT) after
+    /// what was queued for it and before anything rumqttd sends later: at
+    /// the end of the packet of rumqttd's being written (never inside it,
+    /// and never before rumqttd's CONNACK), after the front's packets
+    /// already queued, flushed. The client gets nothing after it (MQTT 5
+    /// §3.14.4). A link that ends inside a packet leaves no place for it:
+    /// the client is then closed without one.
     async fn relay(
         mut self,
         client: &mut (impl tokio::io::AsyncWrite + Unpin),
     ) -> Result<(), String> {
         let mut buffer = vec![0u8; RELAY_BUFFER];
         let mut broker_read: Option<tokio::net::tcp::OwnedReadHalf> = None;
-        let mut leaving = false;
+        let mut leaving: Option<Leaving> = None;
         loop {
-            if leaving && self.boundaries.at_boundary() {
+            if let Some(last) = &leaving
+                && self.boundaries.at_boundary()
+            {
                 while let Ok(packet) = self.direct.try_recv() {
                     write_client(client, &packet).await?;
                 }
-                if let Some(goodbye) = &self.goodbye {
-                    write_client(client, goodbye).await?;
-                }
+                write_client(client, &last.packet).await?;
                 flush_client(client).await?;
-                return Err(TAKEN_OVER.to_owned());
+                return Err(last.reason.to_owned());
             }
             let n = tokio::select! {
                 biased;
-                () = turns_true(&mut self.taken_over), if !leaving => {
-                    if self.goodbye.is_none() {
+                () = turns_true(&mut self.taken_over), if leaving.is_none() => {
+                    let Some(packet) = self.goodbye.take() else {
                         return Err(TAKEN_OVER.to_owned());
-                    }
-                    leaving = true;
+                    };
+                    leaving = Some(Leaving { packet, reason: TAKEN_OVER });
+                    continue;
+                }
+                packet = refusal(&mut self.refused), if leaving.is_none() => {
+                    leaving = Some(Leaving { packet, reason: REFUSED });
                     continue;
                 }
                 // A direct packet goes out only between two of rumqttd's.
@@ -757,10 +787,9 @@ impl ToClient {
                 n = read_broker(broker_read.as_mut(), &mut buffer) => n.map_err(|e| format!("broker read: {e}"))?,
             };
             if n == 0 {
-                return if leaving {
-                    Err(TAKEN_OVER.to_owned())
-                } else {
-                    Ok(())
+                return match leaving {
+                    Some(last) => Err(last.reason.to_owned()),
+                    None => Ok(()),
                 };
             }
             // rumqttd's sockets use Nagle's algorithm: it holds a reply
@@ -785,9 +814,9 @@ impl ToClient {
                 }
                 write_client(client, &rest[..used]).await?;
                 rest = &rest[used..];
-                if leaving && self.boundaries.at_boundary() {
-                    // The goodbye is next; rumqttd's later packets are not
-                    // sent.
+                if leaving.is_some() && self.boundaries.at_boundary() {
+                    // The last packet is next; rumqttd's later packets are
+                    // not sent.
                     break;
                 }
                 if self.boundaries.at_boundary() {
@@ -805,6 +834,18 @@ impl ToClient {
 async fn turns_true(signal: &mut watch::Receiver<bool>) {
     if signal.wait_for(|on| *on).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// The packet `signal` turns to; if its sender goes first, never.
+async fn refusal(signal: &mut watch::Receiver<Option<Vec<u8>>>) -> Vec<u8> {
+    loop {
+        if let Some(packet) = signal.borrow_and_update().clone() {
+            return packet;
+        }
+        if signal.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
@@ -1087,6 +1128,7 @@ mod tests {
             broker_acks: Arc::default(),
             taken_over,
             goodbye: guard::taken_over_packet(level),
+            refused: watch::channel(None).1,
         };
         (relay, broker, direct_tx, taken)
     }
@@ -1315,6 +1357,64 @@ mod tests {
             device.read_to_end(&mut answer).await.unwrap();
             assert_eq!(answer, [0x20, 3, 0, 0x82, 0], "{properties:02x?}");
         }
+    }
+
+    /// The DISCONNECT telling a refused MQTT 5 client why goes out at the
+    /// end of the rumqttd packet being relayed, never inside it, and
+    /// nothing of rumqttd's after it.
+    #[tokio::test]
+    async fn a_refused_mqtt5_client_is_told_between_two_packets() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (service, _queue) = tokio::sync::mpsc::channel(1);
+        let front = front_for(listener.local_addr().unwrap(), service);
+        let (mut device, session, _stop) =
+            start_session(&front, connect_for(5, "dev"), None, 64 * 1024);
+        let (mut broker, _) = listener.accept().await.unwrap();
+        let mut connect = [0u8; 2];
+        broker.read_exact(&mut connect).await.unwrap();
+        assert_eq!(connect[0], 0x10, "CONNECT");
+        broker
+            .read_exact(&mut vec![0u8; usize::from(connect[1])])
+            .await
+            .unwrap();
+        // rumqttd's CONNACK and the first part of a 40-byte PUBLISH.
+        let mut publish = vec![0x30, 38, 0, 1, b't', 0];
+        publish.resize(40, b'p');
+        let connack = [0x20, 3, 0, 0, 0];
+        broker.write_all(&connack).await.unwrap();
+        broker.write_all(&publish[..10]).await.unwrap();
+        let mut seen = [0u8; 15];
+        device.read_exact(&mut seen).await.unwrap();
+        assert_eq!(seen[..5], connack);
+        assert_eq!(seen[5..], publish[..10]);
+        // A PINGREQ, then a SUBSCRIBE to `#`, which a client without a
+        // certificate may not ask for: the PINGREQ still reaches rumqttd,
+        // once the guard has refused the connection.
+        let subscribe = [0x82, 7, 0, 1, 0, 0, 1, b'#', 0];
+        device
+            .write_all(&[&[0xc0, 0][..], &subscribe].concat())
+            .await
+            .unwrap();
+        let mut ping = [0u8; 2];
+        broker.read_exact(&mut ping).await.unwrap();
+        assert_eq!(ping, [0xc0, 0]);
+        // The rest of rumqttd's packet, and another one.
+        broker
+            .write_all(&[&publish[10..], &publish].concat())
+            .await
+            .unwrap();
+
+        let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+        let reason = ended.unwrap().unwrap().unwrap_err();
+        assert!(reason.starts_with("guard: "), "{reason}");
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).await.unwrap();
+        let mut expected = publish[10..].to_vec();
+        expected.extend_from_slice(&[0xe0, 2, 0x87, 0]);
+        assert_eq!(
+            rest, expected,
+            "the packet ends, then DISCONNECT 0x87, nothing else"
+        );
     }
 
     #[test]
