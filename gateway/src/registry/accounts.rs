@@ -194,7 +194,7 @@ impl Registry {
     /// Creates an account and audits it (`account.add`).
     pub async fn add_account(&self, account: &Account, actor: &str) -> Result<(), AccountError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let taken = sqlx::query("SELECT 1 FROM accounts WHERE name = $1")
             .bind(&account.name)
             .fetch_optional(&mut *tx)
@@ -251,7 +251,7 @@ impl Registry {
         at: i64,
     ) -> Result<(), AccountError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query("UPDATE accounts SET disabled_at = $1 WHERE name = $2")
             .bind(disabled.then_some(at))
             .bind(name)
@@ -287,7 +287,7 @@ impl Registry {
         at: i64,
     ) -> Result<(), AccountError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query("UPDATE accounts SET password_hash = $1 WHERE name = $2")
             .bind(password_hash)
             .bind(name)
@@ -310,7 +310,7 @@ impl Registry {
     /// Stores a new session, and audits the login (`account.login`).
     pub async fn create_session(&self, session: &NewSession) -> Result<(), RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO sessions (id_sha256, account, csrf_token, created_at, expires_at, \
              last_used_at, client) VALUES ($1, $2, $3, $4, $5, $4, $6)",
@@ -373,7 +373,7 @@ impl Registry {
     /// Ends a session (logout), auditing it as `account.logout` when it existed.
     pub async fn delete_session(&self, id_sha256: &[u8], at: i64) -> Result<(), RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT account FROM sessions WHERE id_sha256 = $1")
             .bind(id_sha256.to_vec())
             .fetch_optional(&mut *tx)
@@ -403,7 +403,7 @@ impl Registry {
     /// Stores an API token and audits it (`token.create`).
     pub async fn add_api_token(&self, token: &NewApiToken) -> Result<(), AccountError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let taken = sqlx::query("SELECT 1 FROM api_tokens WHERE name = $1")
             .bind(&token.name)
             .fetch_optional(&mut *tx)
@@ -472,7 +472,7 @@ impl Registry {
         at: i64,
     ) -> Result<(), AccountError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
             "UPDATE api_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
         )
@@ -519,7 +519,7 @@ impl Registry {
         forget_before: i64,
     ) -> Result<(), RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM login_failures WHERE at <= $1")
             .bind(forget_before)
             .execute(&mut *tx)

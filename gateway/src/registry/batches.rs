@@ -101,7 +101,7 @@ impl Registry {
         progress: &(dyn Fn(usize) + Send + Sync),
     ) -> Result<(), BatchError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let taken = sqlx::query("SELECT 1 FROM batches WHERE id = $1")
             .bind(&batch.id)
             .fetch_optional(&mut *tx)

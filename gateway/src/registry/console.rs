@@ -327,7 +327,7 @@ impl Registry {
             return Ok(());
         }
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (device_id, at) in seen {
             sqlx::query(
                 "UPDATE devices SET last_seen_at = $1 WHERE id = $2 \

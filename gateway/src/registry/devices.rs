@@ -142,7 +142,7 @@ impl Registry {
         at: i64,
     ) -> Result<Option<Device>, RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "SELECT id, owner, site, model, status, created_by, created_at, updated_at, \
              renew_counter, label, last_seen_at FROM devices WHERE id = $1",

@@ -453,8 +453,9 @@ fn audit_id() -> String {
 pub struct Registry {
     pool: AnyPool,
     backend: Backend,
-    /// SQLite has one writer; taking turns in-process avoids SQLITE_BUSY when
-    /// a deferred transaction upgrades to a write.
+    /// SQLite has one writer; taking turns in-process keeps the registry's
+    /// own writers from waiting on SQLite's lock (other processes' writers
+    /// are waited for by `BEGIN IMMEDIATE`: see [`begin_write`]).
     write_turn: std::sync::Arc<Mutex<()>>,
     /// Certificates waiting to be recorded by the next group commit.
     commit_queue: std::sync::Mutex<Vec<Queued>>,
@@ -551,13 +552,30 @@ async fn commit_group(
     }
 }
 
+/// A transaction that writes. On SQLite it takes the write lock as it
+/// begins (`BEGIN IMMEDIATE`), waiting up to the busy timeout while another
+/// process writes (an `idgate` command run beside `idgate serve`, say). A
+/// deferred transaction that read first could not take it after that other
+/// process committed: SQLite refuses the upgrade at once (SQLITE_BUSY_SNAPSHOT),
+/// with no wait, because what the transaction read may have changed.
+/// In-process writers also take turns ([`Registry::write_turn`]).
+async fn begin_write(
+    pool: &AnyPool,
+    backend: Backend,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    match backend {
+        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+        Backend::Postgres => pool.begin().await,
+    }
+}
+
 async fn write_group(
     pool: &AnyPool,
     backend: Backend,
     stats: &CommitStats,
     group: &[Queued],
 ) -> Result<Vec<Result<(), IssuanceError>>, RegistryError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_write(pool, backend).await?;
     stats
         .groups
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -578,7 +596,7 @@ async fn write_group(
     stats
         .per_record
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_write(pool, backend).await?;
     let mut results = Vec::with_capacity(group.len());
     for queued in group {
         sqlx::query("SAVEPOINT idgate_record")
@@ -678,6 +696,11 @@ impl Registry {
         Ok(registry)
     }
 
+    /// A transaction that writes: see [`begin_write`].
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        begin_write(&self.pool, self.backend).await
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -710,7 +733,7 @@ impl Registry {
         // Every migration not applied yet, not only those above the highest:
         // migrations numbered in parallel may land out of order.
         for (version, name, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin_write().await?;
             // Another replica may be migrating the same PostgreSQL database:
             // the version row's primary key makes the loser roll back.
             sqlx::query(
@@ -736,7 +759,7 @@ impl Registry {
         at: i64,
     ) -> Result<(), RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let exists = sqlx::query("SELECT 1 FROM devices WHERE id = $1")
             .bind(&device.id)
             .fetch_optional(&mut *tx)
@@ -952,7 +975,7 @@ impl Registry {
         audit: &AuditEntry,
     ) -> Result<bool, RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
             "UPDATE devices SET status = 'suspect', updated_at = $1 WHERE id = $2 AND status = 'active'",
         )
@@ -986,7 +1009,7 @@ impl Registry {
         audit: &AuditEntry,
     ) -> Result<Vec<String>, StatusError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await.map_err(RegistryError::from)?;
+        let mut tx = self.begin_write().await.map_err(RegistryError::from)?;
         let at = audit.at;
         let row = sqlx::query("SELECT status FROM devices WHERE id = $1")
             .bind(device_id)
@@ -1140,7 +1163,7 @@ impl Registry {
     /// Appends an audit entry on its own.
     pub async fn audit(&self, entry: &AuditEntry) -> Result<(), RegistryError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         insert_audit(&mut tx, entry).await?;
         tx.commit().await?;
         Ok(())

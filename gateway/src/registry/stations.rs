@@ -135,7 +135,7 @@ impl Registry {
     /// it (`station.add`), in one transaction.
     pub async fn add_station(&self, station: &NewStation, at: i64) -> Result<(), StationError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let taken = sqlx::query("SELECT 1 FROM stations WHERE id = $1")
             .bind(&station.id)
             .fetch_optional(&mut *tx)
@@ -220,7 +220,7 @@ impl Registry {
         at: i64,
     ) -> Result<Vec<String>, StationError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         require_live_station(&mut tx, id).await?;
         sqlx::query(
             "INSERT INTO station_certificates (serial, station_id, not_before, not_after, \
@@ -346,7 +346,7 @@ impl Registry {
         at: i64,
     ) -> Result<Vec<String>, StationError> {
         let _turn = self.write_turn.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         require_live_station(&mut tx, id).await?;
         let serials = revoke_certificates(&mut tx, id, None, reason, at).await?;
         sqlx::query("UPDATE stations SET status = 'revoked', updated_at = $1 WHERE id = $2")

@@ -1173,3 +1173,38 @@ async fn sqlite_the_write_turn_stays_with_an_open_group() {
     let device = registry.device("a").await.unwrap().unwrap();
     assert_eq!(device.status, DeviceStatus::Active);
 }
+
+/// A transaction that writes holds SQLite's write lock from its first
+/// statement on, so another process's writer waits for it (and it for them)
+/// instead of a read-then-write transaction being refused at once
+/// (SQLITE_BUSY_SNAPSHOT) when the other committed in between: what an
+/// `idgate batch import` run beside `idgate serve` met.
+#[tokio::test]
+async fn sqlite_a_write_holds_the_lock_from_its_start() {
+    use sqlx::Connection;
+    let Some((registry, keep)) = registry(TestDatabase::Sqlite).await else {
+        unreachable!("SQLite needs no server");
+    };
+    let mut other = sqlx::SqliteConnection::connect(&keep.url).await.unwrap();
+    sqlx::raw_sql("PRAGMA busy_timeout = 0")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let mut tx = registry.begin_write().await.unwrap();
+    // Only a read so far: a deferred transaction would hold no lock yet.
+    sqlx::query("SELECT count(*) FROM devices")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let refused = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut other).await;
+    let Err(sqlx::Error::Database(e)) = refused else {
+        panic!("another writer got the lock: {refused:?}");
+    };
+    assert!(e.message().contains("locked"), "{e}");
+    tx.rollback().await.unwrap();
+    // Free again once the transaction ends.
+    sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK")
+        .execute(&mut other)
+        .await
+        .unwrap();
+}
