@@ -555,9 +555,10 @@ async fn commit_group(
 /// A transaction that writes. On SQLite it takes the write lock as it
 /// begins (`BEGIN IMMEDIATE`), waiting up to the busy timeout while another
 /// process writes (an `idgate` command run beside `idgate serve`, say). A
-/// deferred transaction that read first could not take it after that other
-/// process committed: SQLite refuses the upgrade at once (SQLITE_BUSY_SNAPSHOT),
-/// with no wait, because what the transaction read may have changed.
+/// deferred transaction that read first could not take it while that other
+/// process writes or after it committed: SQLite refuses the upgrade at once
+/// (SQLITE_BUSY, SQLITE_BUSY_SNAPSHOT) without calling the busy handler,
+/// because what the transaction read may have changed.
 /// In-process writers also take turns ([`Registry::write_turn`]).
 async fn begin_write(
     pool: &AnyPool,
