@@ -646,39 +646,46 @@ async fn session(
             }
             std::future::pending().await
         };
-        // Taken over, an MQTT 5 client is told so by `outbound`, which ends
-        // the connection then; this is only for a client that does not read
-        // it in time. An MQTT 3.1.1 client is closed at once.
-        let goodbye_time = if connect.level == 5 {
-            CLOSE_TIMEOUT
-        } else {
-            Duration::ZERO
-        };
         let outcome = {
             tokio::pin!(outbound);
-            let (outcome, relay_ended) = tokio::select! {
+            // The outcome, and whether `outbound` is still to write the
+            // client's last packet.
+            let (outcome, mut last_packet) = tokio::select! {
                 result = inbound => (result, false),
-                result = &mut outbound => (result, true),
+                result = &mut outbound => (result, false),
                 _ = closed.wait_for(|close| *close) => {
                     (Err("certificate revoked".to_owned()), false)
                 }
-                _ = async {
-                    let _ = taken_over.wait_for(|taken| *taken).await;
-                    if !goodbye_time.is_zero() {
-                        tokio::time::sleep(goodbye_time).await;
-                    }
-                } => (Err(TAKEN_OVER.to_owned()), false),
+                // `outbound` saw it too: it tells an MQTT 5 client; a 3.1.1
+                // one is closed at once.
+                () = turns_true(&mut taken_over) => {
+                    (Err(TAKEN_OVER.to_owned()), connect.level == 5)
+                }
                 _ = shutdown.wait_for(|stop| *stop) => (Ok(()), false),
             };
-            // A refused MQTT 5 client is told why by `outbound`, which writes
-            // the DISCONNECT where the front writes its own packets (never
-            // inside one of rumqttd's) and ends then.
+            // The connection is ending: it stops counting now, not once its
+            // close is done (the last packet and the TLS close_notify may
+            // take CLOSE_TIMEOUT each, to a client that does not read). A
+            // newer connection that took the client id over holds a claim
+            // and a registration of its own.
+            front.sessions.release_client_id(&terms.client_id, claim);
+            if let Some(((id, _), _)) = &registration {
+                front.sessions.unregister(*id);
+            }
+            // A refused MQTT 5 client is told why by `outbound` too, which
+            // writes the DISCONNECT where the front writes its own packets
+            // (never inside one of rumqttd's) and ends then. (A refusal
+            // ends `inbound`, so `outbound` has not ended.)
             if let Some(packet) = refused
                 .as_ref()
                 .and_then(|refusal| guard::disconnect_packet(connect.level, refusal))
-                && !relay_ended
             {
                 refuse.send_replace(Some(packet));
+                last_packet = true;
+            }
+            // A client that does not take its last packet within
+            // CLOSE_TIMEOUT is closed without it.
+            if last_packet {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut outbound).await;
             }
             outcome
@@ -688,6 +695,8 @@ async fn session(
         outcome
     }
     .await;
+    // Again, for a connection that ended before relaying (both are no-ops
+    // the second time).
     front.sessions.release_client_id(&terms.client_id, claim);
     if let Some(((id, _), _)) = registration {
         front.sessions.unregister(id);
@@ -1197,12 +1206,20 @@ mod tests {
         broker: SocketAddr,
         requests: tokio::sync::mpsc::Sender<super::super::Message>,
     ) -> Front {
+        front_and_trust(broker, requests).0
+    }
+
+    /// [`front_for`], and a TLS client configuration that trusts it.
+    fn front_and_trust(
+        broker: SocketAddr,
+        requests: tokio::sync::mpsc::Sender<super::super::Message>,
+    ) -> (Front, Arc<rustls::ClientConfig>) {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let certificate = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let config =
+        let mut config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .unwrap()
@@ -1212,6 +1229,18 @@ mod tests {
                     PrivateKeyDer::Pkcs8(key.serialize_der().into()),
                 )
                 .unwrap();
+        // No session tickets: the server would write them after the
+        // handshake, into a small test pipe nobody reads yet.
+        config.send_tls13_tickets = 0;
+        let mut roots = RootCertStore::empty();
+        roots.add(certificate.der().clone()).unwrap();
+        let trust = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let (_, tls) = watch::channel(Arc::new(config));
         let (_, revoked) = watch::channel(Arc::default());
         let upstream = Upstream {
@@ -1220,7 +1249,8 @@ mod tests {
             direct: Arc::default(),
             requests,
         };
-        Front::new(tls, upstream, Limits::default(), Arc::default(), revoked)
+        let front = Front::new(tls, upstream, Limits::default(), Arc::default(), revoked);
+        (front, Arc::new(trust))
     }
 
     /// A clean CONNECT for protocol `level` without keep-alive or
@@ -1260,11 +1290,77 @@ mod tests {
         watch::Sender<bool>,
     ) {
         let (client, server) = tokio::io::duplex(capacity);
+        let (task, stop) = spawn_session(front, server, connect, identity);
+        (client, task, stop)
+    }
+
+    /// A session of `front` on `stream`; its task and shutdown switch.
+    fn spawn_session(
+        front: &Front,
+        stream: impl AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        connect: Connect,
+        identity: Option<(Identity, String, String)>,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), String>>,
+        watch::Sender<bool>,
+    ) {
         let (stop, shutdown) = watch::channel(false);
         let front = front.clone();
         let task =
-            tokio::spawn(async move { session(server, connect, identity, &front, shutdown).await });
-        (client, task, stop)
+            tokio::spawn(async move { session(stream, connect, identity, &front, shutdown).await });
+        (task, stop)
+    }
+
+    /// [`start_session`] over TLS, the client trusting `trust`.
+    async fn start_tls_session(
+        front: &Front,
+        trust: &Arc<rustls::ClientConfig>,
+        connect: Connect,
+        identity: Option<(Identity, String, String)>,
+        capacity: usize,
+    ) -> (
+        tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<Result<(), String>>,
+        watch::Sender<bool>,
+    ) {
+        let (client, server) = tokio::io::duplex(capacity);
+        let config = front.tls.borrow().clone();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(trust.clone()).connect(name, client),
+            TlsAcceptor::from(config).accept(server),
+        );
+        let (task, stop) = spawn_session(front, server.unwrap(), connect, identity);
+        (client.unwrap(), task, stop)
+    }
+
+    /// A device's certificate identity, as the handshake finds it.
+    fn device(id: &str) -> Option<(Identity, String, String)> {
+        Some((Identity::Device(id.into()), id.into(), "5e71a1".into()))
+    }
+
+    /// Leaves the front's writes to `client` blocked, as they are to a
+    /// device that stopped reading: its PINGREQs' answers overflow the
+    /// pipe. One raw byte read beneath TLS shows that the front has written.
+    async fn leave_unread(client: &mut tokio_rustls::client::TlsStream<tokio::io::DuplexStream>) {
+        client.write_all(&[0xc0, 0].repeat(40)).await.unwrap();
+        client.flush().await.unwrap();
+        let mut byte = [0u8; 1];
+        client.get_mut().0.read_exact(&mut byte).await.unwrap();
+    }
+
+    /// Waits until `device_id` has `sessions` registered sessions; at most
+    /// 2 s, well within the CLOSE_TIMEOUT a close may take.
+    async fn registered(front: &Front, device_id: &str, sessions: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while front.sessions.device_sessions(device_id) != sessions {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{device_id} still has {} sessions, not {sessions}",
+                front.sessions.device_sessions(device_id)
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     /// A QoS 1 PUBLISH of `payload` on `topic` with packet id `id`, MQTT
@@ -1415,6 +1511,58 @@ mod tests {
             rest, expected,
             "the packet ends, then DISCONNECT 0x87, nothing else"
         );
+    }
+
+    /// A session stops counting as soon as its client has closed, not once
+    /// the front's close is done: here the client reads nothing, and the
+    /// front's close (TLS close_notify) waits CLOSE_TIMEOUT for room.
+    #[tokio::test]
+    async fn a_closed_connection_stops_counting_at_once() {
+        let (service, _queue) = tokio::sync::mpsc::channel(1);
+        let (front, trust) = front_and_trust(SocketAddr::from(([127, 0, 0, 1], 9)), service);
+        let connect = connect_for(4, "d-1");
+        let (mut device, session, _stop) =
+            start_tls_session(&front, &trust, connect, device("d-1"), 64).await;
+        let mut connack = [0u8; 4];
+        device.read_exact(&mut connack).await.unwrap();
+        assert_eq!(front.sessions.device_sessions("d-1"), 1);
+        leave_unread(&mut device).await;
+
+        device.shutdown().await.unwrap();
+        registered(&front, "d-1", 0).await;
+        assert!(!session.is_finished(), "the close is still under way");
+        drop(device);
+        let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+        assert_eq!(ended.unwrap().unwrap(), Ok(()));
+    }
+
+    /// Taken over, a session stops counting at once, and the newer one
+    /// stays registered after the older one's close is done.
+    #[tokio::test]
+    async fn a_takeover_leaves_one_session_counted() {
+        let (service, _queue) = tokio::sync::mpsc::channel(1);
+        let (front, trust) = front_and_trust(SocketAddr::from(([127, 0, 0, 1], 9)), service);
+        let (mut older, older_session, _stop) =
+            start_tls_session(&front, &trust, connect_for(4, "d-1"), device("d-1"), 64).await;
+        let mut connack = [0u8; 4];
+        older.read_exact(&mut connack).await.unwrap();
+        leave_unread(&mut older).await;
+
+        let (mut newer, newer_session, _stop) =
+            start_session(&front, connect_for(4, "d-1"), device("d-1"), 1024);
+        newer.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+        registered(&front, "d-1", 1).await;
+        assert!(!older_session.is_finished(), "the close is still under way");
+        drop(older);
+        let ended = tokio::time::timeout(Duration::from_secs(10), older_session).await;
+        assert_eq!(ended.unwrap().unwrap(), Err(TAKEN_OVER.to_owned()));
+        assert_eq!(front.sessions.device_sessions("d-1"), 1, "the newer one");
+        newer.write_all(&[0xc0, 0]).await.unwrap();
+        let mut pong = [0u8; 2];
+        newer.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0xd0, 0], "the newer one is served");
+        assert!(!newer_session.is_finished());
     }
 
     #[test]
