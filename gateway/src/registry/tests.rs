@@ -1151,8 +1151,8 @@ async fn sqlite_the_write_turn_stays_with_an_open_group() {
         .add_device(&new_device("a", "s", "a@x.io"), b"sealed", 10)
         .await
         .unwrap();
-    // Another connection holds SQLite's write lock, so the group's first
-    // write waits (busy_timeout) with its transaction open.
+    // Another connection holds SQLite's write lock, so the group's
+    // transaction waits for it (`BEGIN IMMEDIATE`, busy_timeout) as it opens.
     let mut lock = sqlx::SqliteConnection::connect(&keep.url).await.unwrap();
     sqlx::raw_sql("BEGIN IMMEDIATE")
         .execute(&mut lock)
