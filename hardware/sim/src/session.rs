@@ -1,8 +1,9 @@
 //! What every simulated request does over MQTT, whatever it asks for: connect
 //! over TLS (MQTT 3.1.1, client id = device id), subscribe to the reply topics
 //! before publishing anything, then drive the agent's [`Exchange`] with a
-//! rumqttc event loop and a monotonic clock until it reports an outcome. This is
-//! the reference for how firmware wires the agent to its own MQTT stack.
+//! rumqttc event loop and a monotonic clock until it reports an outcome, then
+//! leave with DISCONNECT. This is the reference for how firmware wires the
+//! agent to its own MQTT stack.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,8 @@ use std::time::Duration;
 use idgate_agent::{Error as AgentError, Event, Exchange, MAX_REQUEST, RequestKind, Rid};
 use idgate_pki::protocol::{Format, Reply, Topic, check_device_id};
 use rumqttc::{
-    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use rustls::ClientConfig;
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -119,9 +120,43 @@ pub(crate) async fn run<R: RequestKind>(
     let event = drive(&mut agent, &client, &mut eventloop, clock, deadline)
         .await
         .map_err(|e| e.unwrap_or_else(timed_out))?;
-    // Leave the broker politely; the outcome does not depend on it.
-    let _ = client.try_disconnect();
+    // The outcome does not depend on it.
+    leave(&client, &mut eventloop).await;
     outcome(event, agent)
+}
+
+/// How long leaving the broker may take.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Leaves the broker politely: MQTT DISCONNECT, which the event loop writes
+/// and flushes through TLS before it reports it, so the broker ends the
+/// session as the device asked (a will is discarded, MQTT 3.1.1 §3.14.4);
+/// then the broker's close, which MQTT has it make after DISCONNECT (and
+/// which brings its TLS close_notify), so that the socket is not dropped
+/// while the DISCONNECT may still be unread. rumqttc 0.25 keeps its TLS
+/// stream to itself and never shuts it down, so the device's own
+/// close_notify is not sent: dropping the event loop closes the socket.
+/// Gives up after [`LEAVE_TIMEOUT`].
+async fn leave(client: &AsyncClient, eventloop: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let leaving = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        tracing::debug!("DISCONNECT sent");
+        // Until the broker closes: the first error is the end of the
+        // stream (polling past it would connect again).
+        while eventloop.poll().await.is_ok() {}
+    };
+    if tokio::time::timeout(LEAVE_TIMEOUT, leaving).await.is_err() {
+        tracing::debug!("the broker did not close the connection after DISCONNECT");
+    }
 }
 
 /// The agent's loop: publish what it hands out, feed it what arrives, fire its

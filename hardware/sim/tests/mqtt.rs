@@ -28,6 +28,9 @@ const TOKEN: &str = "abcdefghijklmnopqrstuvwxyz234567";
 type Gateway = Arc<Mutex<FakeGateway>>;
 /// The client certificate each TLS connection presented (DER), in order.
 type Presented = Arc<Mutex<Vec<Option<Vec<u8>>>>>;
+/// What each TLS connection's client sent, decrypted, in order of
+/// connection.
+type Sent = Arc<Mutex<Vec<Vec<u8>>>>;
 
 fn free_port() -> SocketAddr {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -81,9 +84,10 @@ async fn start_broker() -> SocketAddr {
 }
 
 /// A TLS front for 127.0.0.1 with a certificate from the gateway's CA,
-/// forwarding to `upstream`. A client certificate is optional; one that is
-/// presented must chain to the gateway's CA.
-async fn start_tls_front(gateway: &Gateway, upstream: SocketAddr) -> (SocketAddr, Presented) {
+/// forwarding to `upstream`, and recording what each client sent. A client
+/// certificate is optional; one that is presented must chain to the
+/// gateway's CA.
+async fn start_tls_front(gateway: &Gateway, upstream: SocketAddr) -> (SocketAddr, Presented, Sent) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let key = KeyPair::generate().unwrap();
     let params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
@@ -117,26 +121,73 @@ async fn start_tls_front(gateway: &Gateway, upstream: SocketAddr) -> (SocketAddr
         .unwrap();
     let address = listener.local_addr().unwrap();
     let presented = Presented::default();
-    let log = presented.clone();
+    let sent = Sent::default();
+    let (log, sent_log) = (presented.clone(), sent.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
-            let log = log.clone();
+            let (log, sent) = (log.clone(), sent_log.clone());
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let client = tls.get_ref().1.peer_certificates();
                 let client = client.and_then(|chain| chain.first()).map(|c| c.to_vec());
                 log.lock().unwrap().push(client);
-                let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else {
+                let Ok(plain) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
                 };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                let index = {
+                    let mut sent = sent.lock().unwrap();
+                    sent.push(Vec::new());
+                    sent.len() - 1
+                };
+                let (mut tls_read, mut tls_write) = tokio::io::split(tls);
+                let (mut plain_read, mut plain_write) = plain.into_split();
+                let up = async {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(n @ 1..) = tls_read.read(&mut buffer).await {
+                        sent.lock().unwrap()[index].extend_from_slice(&buffer[..n]);
+                        if plain_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = plain_write.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut plain_read, &mut tls_write).await;
+                    let _ = tls_write.shutdown().await;
+                };
+                tokio::join!(up, down);
             });
         }
     });
-    (address, presented)
+    (address, presented, sent)
+}
+
+/// The MQTT packets in `bytes`, whole ones only.
+fn packets(mut bytes: &[u8]) -> Vec<&[u8]> {
+    let mut packets = Vec::new();
+    while bytes.len() >= 2 {
+        let (mut length, mut header) = (0usize, 1);
+        loop {
+            let Some(&byte) = bytes.get(header) else {
+                return packets;
+            };
+            length |= usize::from(byte & 0x7f) << (7 * (header - 1));
+            header += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let Some(packet) = bytes.get(..header + length) else {
+            return packets;
+        };
+        packets.push(packet);
+        bytes = &bytes[header + length..];
+    }
+    packets
 }
 
 /// Puts the fake gateway behind the broker: requests of every device and
@@ -190,6 +241,7 @@ struct Setup {
     ca_pem: String,
     gateway: Gateway,
     presented: Presented,
+    sent: Sent,
 }
 
 /// A broker behind TLS with a fake gateway that drops the first `drop_first`
@@ -201,13 +253,14 @@ async fn setup(drop_first: usize) -> Setup {
     let ca_pem = fake.ca_pem().to_owned();
     let gateway = Arc::new(Mutex::new(fake));
     let broker = start_broker().await;
-    let (front, presented) = start_tls_front(&gateway, broker).await;
+    let (front, presented, sent) = start_tls_front(&gateway, broker).await;
     start_fake_gateway(broker, gateway.clone()).await;
     Setup {
         front,
         ca_pem,
         gateway,
         presented,
+        sent,
     }
 }
 
@@ -257,6 +310,26 @@ async fn enrolls_over_tls_after_a_lost_request() {
     );
     // No client certificate to present yet.
     assert_eq!(*setup.presented.lock().unwrap(), vec![None]);
+}
+
+/// The device leaves with an MQTT DISCONNECT, the last thing it sends,
+/// and before `enroll` returns: the broker ends the session as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_says_disconnect_before_it_closes() {
+    let setup = setup(0).await;
+    enroll(&enroll_options(&setup, "sim-0004", TOKEN))
+        .await
+        .unwrap();
+    let sent = setup.sent.lock().unwrap();
+    assert_eq!(sent.len(), 1);
+    let packets = packets(&sent[0]);
+    assert_eq!(packets.first().map(|p| p[0]), Some(0x10), "CONNECT first");
+    assert_eq!(
+        packets.last(),
+        Some(&&[0xe0, 0][..]),
+        "DISCONNECT last, of {} packets",
+        packets.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
