@@ -648,20 +648,21 @@ async fn session(
         };
         let outcome = {
             tokio::pin!(outbound);
-            // The outcome, and whether `outbound` is still to write the
-            // client's last packet.
-            let (outcome, mut last_packet) = tokio::select! {
-                result = inbound => (result, false),
-                result = &mut outbound => (result, false),
+            // The outcome, whether `outbound` has a last packet to write
+            // for the client, and whether it has ended (it is not polled
+            // again then).
+            let (outcome, mut last_packet, relay_ended) = tokio::select! {
+                result = inbound => (result, false, false),
+                result = &mut outbound => (result, false, true),
                 _ = closed.wait_for(|close| *close) => {
-                    (Err("certificate revoked".to_owned()), false)
+                    (Err("certificate revoked".to_owned()), false, false)
                 }
                 // `outbound` saw it too: it tells an MQTT 5 client; a 3.1.1
                 // one is closed at once.
                 () = turns_true(&mut taken_over) => {
-                    (Err(TAKEN_OVER.to_owned()), connect.level == 5)
+                    (Err(TAKEN_OVER.to_owned()), connect.level == 5, false)
                 }
-                _ = shutdown.wait_for(|stop| *stop) => (Ok(()), false),
+                _ = shutdown.wait_for(|stop| *stop) => (Ok(()), false, false),
             };
             // The connection is ending: it stops counting now, not once its
             // close is done (the last packet and the TLS close_notify may
@@ -674,8 +675,7 @@ async fn session(
             }
             // A refused MQTT 5 client is told why by `outbound` too, which
             // writes the DISCONNECT where the front writes its own packets
-            // (never inside one of rumqttd's) and ends then. (A refusal
-            // ends `inbound`, so `outbound` has not ended.)
+            // (never inside one of rumqttd's) and ends then.
             if let Some(packet) = refused
                 .as_ref()
                 .and_then(|refusal| guard::disconnect_packet(connect.level, refusal))
@@ -685,7 +685,7 @@ async fn session(
             }
             // A client that does not take its last packet within
             // CLOSE_TIMEOUT is closed without it.
-            if last_packet {
+            if last_packet && !relay_ended {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut outbound).await;
             }
             outcome
