@@ -1455,6 +1455,53 @@ mod tests {
         }
     }
 
+    /// An MQTT 3.1.1 CONNECT that is malformed or breaks a rule of the
+    /// protocol is answered by closing the connection, without a CONNACK
+    /// (MQTT 3.1.1 §3.1.4); a well-formed one that is refused gets its
+    /// return code.
+    #[tokio::test]
+    async fn a_malformed_mqtt311_connect_gets_no_connack() {
+        let (service, _queue) = tokio::sync::mpsc::channel(1);
+        let front = front_for(SocketAddr::from(([127, 0, 0, 1], 9)), service);
+        // The flags byte of `connect_for`, after the fixed header, protocol
+        // name and level.
+        const FLAGS: usize = 9;
+        let mut cases = Vec::new();
+        for (flags, why) in [
+            (0x01, "the reserved flag"),
+            (0x40, "a password without a user name"),
+            (0x08, "a will QoS without a will"),
+        ] {
+            let mut connect = connect_for(4, "dev");
+            connect.bytes[FLAGS] |= flags;
+            cases.push((connect, None, Vec::new(), why));
+        }
+        let mut utf8 = connect_for(4, "dev");
+        *utf8.bytes.last_mut().unwrap() = 0xff;
+        cases.push((utf8, None, Vec::new(), "a client id not UTF-8"));
+        // Well-formed: a will from a client without a certificate is not
+        // authorized (5), another device's client id is rejected (2).
+        let mut will = connect_for(4, "dev");
+        will.bytes[FLAGS] |= 0x04;
+        for text in ["idgate/v1/devices/dev/w", "gone"] {
+            will.bytes
+                .extend_from_slice(&[0, u8::try_from(text.len()).unwrap()]);
+            will.bytes.extend_from_slice(text.as_bytes());
+            will.bytes[1] += 2 + u8::try_from(text.len()).unwrap();
+        }
+        cases.push((will, None, vec![0x20, 2, 0, 5], "a will, anonymous"));
+        let other = connect_for(4, "dev-2");
+        cases.push((other, device("dev"), vec![0x20, 2, 0, 2], "another id"));
+        for (connect, identity, connack, why) in cases {
+            let (mut device, session, _stop) = start_session(&front, connect, identity, 1024);
+            let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+            assert!(ended.unwrap().unwrap().is_err(), "{why}");
+            let mut answer = Vec::new();
+            device.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, connack, "{why}");
+        }
+    }
+
     /// The DISCONNECT telling a refused MQTT 5 client why goes out at the
     /// end of the rumqttd packet being relayed, never inside it, and
     /// nothing of rumqttd's after it.

@@ -222,9 +222,10 @@ fn force_clean_start(packet: &mut [u8]) -> Result<(), Refusal> {
 /// MQTT 5, anything else: the 3.1.1 layout), to send before closing; `None`
 /// where the connection is closed without one.
 ///
-/// MQTT 3.1.1 has no return code for a protocol error, and closes the
-/// connection on one without a CONNACK (§4.8; its CONNECT has no
-/// properties, so this does not arise from the guard's checks).
+/// MQTT 3.1.1 has return codes only for a well-formed CONNECT the server
+/// does not accept: a malformed one, or one breaking a rule of the
+/// protocol, is answered by closing the connection without a CONNACK
+/// (§3.1.4, §4.8).
 pub fn connack_refusal(level: u8, refusal: &Refusal) -> Option<Vec<u8>> {
     let client_id = matches!(
         refusal,
@@ -234,7 +235,7 @@ pub fn connack_refusal(level: u8, refusal: &Refusal) -> Option<Vec<u8>> {
         // Client Identifier not valid, or the reason a DISCONNECT would give.
         let reason = if client_id { 0x85 } else { reason_v5(refusal) };
         Some(vec![0x20, 3, 0, reason, 0])
-    } else if matches!(refusal, Refusal::ProtocolError(_)) {
+    } else if matches!(refusal, Refusal::Malformed | Refusal::ProtocolError(_)) {
         None
     } else {
         // Identifier rejected, or not authorized.
@@ -1553,10 +1554,8 @@ mod tests {
             connack_refusal(4, &Refusal::WillNotAllowed),
             Some(vec![0x20, 2, 0, 5])
         );
-        assert_eq!(
-            connack_refusal(4, &Refusal::Malformed),
-            Some(vec![0x20, 2, 0, 5])
-        );
+        // A malformed CONNECT: 3.1.1 closes without a CONNACK (§3.1.4).
+        assert_eq!(connack_refusal(4, &Refusal::Malformed), None);
         assert_eq!(
             connack_refusal(5, &Refusal::ClientIdMismatch),
             Some(vec![0x20, 3, 0, 0x85, 0])
