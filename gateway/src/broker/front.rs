@@ -1480,7 +1480,8 @@ mod tests {
         *utf8.bytes.last_mut().unwrap() = 0xff;
         cases.push((utf8, None, Vec::new(), "a client id not UTF-8"));
         // Well-formed: a will from a client without a certificate is not
-        // authorized (5), another device's client id is rejected (2).
+        // authorized (5), another device's client id is rejected (2), an
+        // unknown protocol level is unacceptable (1).
         let mut will = connect_for(4, "dev");
         will.bytes[FLAGS] |= 0x04;
         for text in ["idgate/v1/devices/dev/w", "gone"] {
@@ -1492,6 +1493,9 @@ mod tests {
         cases.push((will, None, vec![0x20, 2, 0, 5], "a will, anonymous"));
         let other = connect_for(4, "dev-2");
         cases.push((other, device("dev"), vec![0x20, 2, 0, 2], "another id"));
+        // A level the front does not speak: unacceptable protocol version.
+        let level = connect_for(3, "dev");
+        cases.push((level, None, vec![0x20, 2, 0, 1], "protocol level 3"));
         for (connect, identity, connack, why) in cases {
             let (mut device, session, _stop) = start_session(&front, connect, identity, 1024);
             let ended = tokio::time::timeout(Duration::from_secs(10), session).await;

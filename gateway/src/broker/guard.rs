@@ -75,6 +75,9 @@ pub enum Refusal {
     /// Maximum Packet Size of 0 (§3.1.2.11.4).
     #[error("MQTT protocol error: {0}")]
     ProtocolError(&'static str),
+    /// A CONNECT naming MQTT with a protocol level other than 4 (3.1.1) or 5.
+    #[error("MQTT protocol level {0} not supported")]
+    UnsupportedLevel(u8),
     /// A packet larger than [`MAX_PACKET`].
     #[error("MQTT packet larger than {MAX_PACKET} bytes")]
     TooLarge,
@@ -238,8 +241,14 @@ pub fn connack_refusal(level: u8, refusal: &Refusal) -> Option<Vec<u8>> {
     } else if matches!(refusal, Refusal::Malformed | Refusal::ProtocolError(_)) {
         None
     } else {
-        // Identifier rejected, or not authorized.
-        let code = if client_id { 2 } else { 5 };
+        // Unacceptable protocol version (the layout 3.1.1 asks for, as a
+        // client of another level may not read MQTT 5's), identifier
+        // rejected, or not authorized.
+        let code = match refusal {
+            Refusal::UnsupportedLevel(_) => 1,
+            _ if client_id => 2,
+            _ => 5,
+        };
         Some(vec![0x20, 2, 0, code])
     }
 }
@@ -262,6 +271,7 @@ fn reason_v5(refusal: &Refusal) -> u8 {
     match refusal {
         Refusal::Malformed => 0x81,
         Refusal::ProtocolError(_) => 0x82,
+        Refusal::UnsupportedLevel(_) => 0x84,
         Refusal::TooLarge => 0x95,
         // Quota exceeded.
         Refusal::TooManySubscriptions(_) => 0x97,
@@ -548,7 +558,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     let v5 = match r.u8()? {
         4 => false,
         5 => true,
-        _ => return Err(Refusal::Malformed),
+        level => return Err(Refusal::UnsupportedLevel(level)),
     };
     let flags = r.u8()?;
     let will = flags & 0x04 != 0;
@@ -1474,7 +1484,7 @@ mod tests {
     fn malformed_connects() {
         let good = C::new(4, DEV).encode();
         let mut cases: Vec<Vec<u8>> = Vec::new();
-        // Wrong type, trailing byte, reserved flag, bad name, bad level.
+        // Wrong type, trailing byte, reserved flag, bad name.
         let mut wrong = good.clone();
         wrong[0] = 0x11;
         cases.push(wrong);
@@ -1491,9 +1501,6 @@ mod tests {
         let mut name = good.clone();
         name[5] = b'X';
         cases.push(name);
-        let mut level = good.clone();
-        level[8] = 3;
-        cases.push(level);
         // Will QoS without a will; password without username (3.1.1).
         let mut will_qos = good.clone();
         will_qos[9] |= 0x08;
@@ -1521,6 +1528,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_unsupported_protocol_level_is_refused_as_such() {
+        // MQTT 3.1.1 §3.1.2.2: return code 1 then the close, whatever the
+        // level; MQTT 3.1's own protocol name is just not MQTT.
+        for level in [0, 3, 6, 0xff] {
+            let mut connect = C::new(4, DEV).encode();
+            connect[8] = level;
+            let refusal = admit_connect(&device(), &connect).unwrap_err();
+            assert_eq!(refusal, Refusal::UnsupportedLevel(level));
+            assert_eq!(connack_refusal(level, &refusal), Some(vec![0x20, 2, 0, 1]));
+        }
+        let mut mqtt31 = Vec::new();
+        build::string("MQIsdp", &mut mqtt31);
+        mqtt31.extend_from_slice(&[3, 0x02, 0, 60]);
+        build::string(DEV, &mut mqtt31);
+        let mqtt31 = build::packet(0x10, &mqtt31);
+        assert_eq!(admit_connect(&device(), &mqtt31), Err(Refusal::Malformed));
     }
 
     #[test]
