@@ -1444,6 +1444,14 @@ mod tests {
             &[0x27, 0, 0, 0, 0][..],
             // A property given twice (§2.2.2.2).
             &[0x11, 0, 0, 0, 0, 0x11, 0, 0, 0, 0],
+            // Receive Maximum 0 (§3.1.2.11.3).
+            &[0x21, 0, 0],
+            // Request Response, Request Problem Information not 0 or 1
+            // (§3.1.2.11.6, §3.1.2.11.7).
+            &[0x19, 2],
+            &[0x17, 2],
+            // Authentication Data without a method (§3.1.2.11.10).
+            &[0x16, 0, 1, b'x'],
         ] {
             let connect = connect_with(5, "dev", properties);
             let (mut device, session, _stop) = start_session(&front, connect, None, 1024);

@@ -71,8 +71,8 @@ pub enum Refusal {
     #[error("malformed MQTT packet")]
     Malformed,
     /// A well-formed packet that breaks a rule of MQTT 5 the spec calls a
-    /// Protocol Error (reason 0x82): a property given twice (§2.2.2.2), a
-    /// Maximum Packet Size of 0 (§3.1.2.11.4).
+    /// Protocol Error (reason 0x82): a property given twice (§2.2.2.2), or
+    /// a CONNECT property value the spec forbids (§3.1.2.11).
     #[error("MQTT protocol error: {0}")]
     ProtocolError(&'static str),
     /// A CONNECT naming MQTT with a protocol level other than 4 (3.1.1) or 5.
@@ -576,6 +576,12 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     let keep_alive = r.u16()?;
     let (session_expiry, session_expiry_at, max_packet_size) = if v5 {
         let found = properties(&mut r)?;
+        // MQTT 5 §3.1.2.11.10: the data belongs to a method.
+        if found.authentication_data && !found.authentication_method {
+            return Err(Refusal::ProtocolError(
+                "Authentication Data without Authentication Method",
+            ));
+        }
         (
             found.session_expiry,
             found.session_expiry_at,
@@ -720,6 +726,10 @@ struct Properties {
     session_expiry_at: Option<usize>,
     /// Maximum Packet Size (CONNECT): the largest packet the client takes.
     max_packet_size: Option<u32>,
+    /// Whether the block has an Authentication Method, and Authentication
+    /// Data.
+    authentication_method: bool,
+    authentication_data: bool,
 }
 
 /// Parses an MQTT 5 property block (length, then identifier/value pairs);
@@ -744,11 +754,35 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
             seen |= 1 << id;
         }
         match id {
-            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => {
+            0x01 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => {
                 p.u8()?;
             }
-            0x13 | 0x21 | 0x22 => {
+            // Request Response Information and Request Problem Information
+            // are flags: any other value is a protocol error (MQTT 5
+            // §3.1.2.11.6, §3.1.2.11.7).
+            0x19 => {
+                if p.u8()? > 1 {
+                    return Err(Refusal::ProtocolError(
+                        "Request Response Information not 0 or 1",
+                    ));
+                }
+            }
+            0x17 => {
+                if p.u8()? > 1 {
+                    return Err(Refusal::ProtocolError(
+                        "Request Problem Information not 0 or 1",
+                    ));
+                }
+            }
+            0x13 | 0x22 => {
                 p.u16()?;
+            }
+            0x21 => {
+                // Zero is a protocol error (MQTT 5 §3.1.2.11.3): the server
+                // could never send a QoS 1 or 2 message.
+                if p.u16()? == 0 {
+                    return Err(Refusal::ProtocolError("Receive Maximum 0"));
+                }
             }
             0x23 => {
                 p.u16()?;
@@ -773,11 +807,19 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
             0x0b => {
                 p.varint()?;
             }
-            0x03 | 0x08 | 0x12 | 0x15 | 0x1a | 0x1c | 0x1f => {
+            0x03 | 0x08 | 0x12 | 0x1a | 0x1c | 0x1f => {
                 p.string()?;
             }
-            0x09 | 0x16 => {
+            0x15 => {
+                p.string()?;
+                found.authentication_method = true;
+            }
+            0x09 => {
                 p.binary()?;
+            }
+            0x16 => {
+                p.binary()?;
+                found.authentication_data = true;
             }
             0x26 => {
                 p.string()?;
@@ -1379,6 +1421,66 @@ mod tests {
                 admit_connect(&Identity::Anonymous, &connect.encode()),
                 Err(Refusal::ProtocolError(why))
             );
+        }
+    }
+
+    /// Every CONNECT property value MQTT 5 calls a Protocol Error, and the
+    /// values beside it that are fine.
+    #[test]
+    fn connect_property_values_that_are_protocol_errors() {
+        let method = {
+            let mut p = vec![0x15];
+            build::string("none", &mut p);
+            p
+        };
+        let data = {
+            let mut p = vec![0x16];
+            build::binary(b"x", &mut p);
+            p
+        };
+        let with_method = [&method[..], &data[..]].concat();
+        let cases: [(&[u8], Option<&str>); 16] = [
+            // Receive Maximum (§3.1.2.11.3).
+            (&[0x21, 0, 0], Some("Receive Maximum 0")),
+            (&[0x21, 0, 1], None),
+            (&[0x21, 0xff, 0xff], None),
+            // Request Response Information (§3.1.2.11.6).
+            (&[0x19, 2], Some("Request Response Information not 0 or 1")),
+            (
+                &[0x19, 0xff],
+                Some("Request Response Information not 0 or 1"),
+            ),
+            (&[0x19, 0], None),
+            (&[0x19, 1], None),
+            // Request Problem Information (§3.1.2.11.7).
+            (&[0x17, 2], Some("Request Problem Information not 0 or 1")),
+            (&[0x17, 0], None),
+            (&[0x17, 1], None),
+            // Topic Alias Maximum: any value, once (§3.1.2.11.5).
+            (&[0x22, 0, 0], None),
+            (&[0x22, 0, 5, 0x22, 0, 5], Some("a property given twice")),
+            // Authentication Data only with a method (§3.1.2.11.10).
+            (
+                &data,
+                Some("Authentication Data without Authentication Method"),
+            ),
+            (&with_method, None),
+            (&method, None),
+            // Maximum Packet Size (§3.1.2.11.4).
+            (&[0x27, 0, 0, 0, 0], Some("Maximum Packet Size 0")),
+        ];
+        for (properties, error) in cases {
+            let mut connect = C::new(5, DEV);
+            connect.properties = properties.to_vec();
+            let admitted = admit_connect(&device(), &connect.encode());
+            match error {
+                Some(why) => assert_eq!(
+                    admitted,
+                    Err(Refusal::ProtocolError(why)),
+                    "{properties:02x?}"
+                ),
+                None => assert!(admitted.is_ok(), "{properties:02x?}"),
+            }
         }
     }
 
