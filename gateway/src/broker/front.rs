@@ -1142,12 +1142,12 @@ mod tests {
         (relay, broker, direct_tx, taken)
     }
 
-    #[tokio::test]
-    async fn a_taken_over_mqtt5_client_is_told_between_two_packets() {
-        let (relay, mut broker, direct_tx, taken) = relay_for(5).await;
-        let (mut client, mut device) = tokio::io::duplex(64 * 1024);
-        let relaying = tokio::spawn(async move { relay.relay(&mut client).await });
-        // rumqttd's CONNACK and the first part of a 40-byte PUBLISH.
+    /// rumqttd's CONNACK and the first 10 bytes of a 40-byte PUBLISH, sent
+    /// by `broker` and seen by `device`; returns the whole PUBLISH.
+    async fn connack_then_part_of_a_publish(
+        broker: &mut (impl tokio::io::AsyncWrite + Unpin),
+        device: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Vec<u8> {
         let mut publish = vec![0x30, 38, 0, 1, b't', 0];
         publish.resize(40, b'p');
         let connack = [0x20, 3, 0, 0, 0];
@@ -1157,6 +1157,15 @@ mod tests {
         device.read_exact(&mut seen).await.unwrap();
         assert_eq!(seen[..5], connack);
         assert_eq!(seen[5..], publish[..10]);
+        publish
+    }
+
+    #[tokio::test]
+    async fn a_taken_over_mqtt5_client_is_told_between_two_packets() {
+        let (relay, mut broker, direct_tx, taken) = relay_for(5).await;
+        let (mut client, mut device) = tokio::io::duplex(64 * 1024);
+        let relaying = tokio::spawn(async move { relay.relay(&mut client).await });
+        let publish = connack_then_part_of_a_publish(&mut broker, &mut device).await;
         // A reply queued by the front, then the takeover, both inside
         // rumqttd's packet; then the rest of it, and another one.
         let reply = vec![0x30, 4, 0, 1, b'r', 0];
@@ -1532,16 +1541,7 @@ mod tests {
             .read_exact(&mut vec![0u8; usize::from(connect[1])])
             .await
             .unwrap();
-        // rumqttd's CONNACK and the first part of a 40-byte PUBLISH.
-        let mut publish = vec![0x30, 38, 0, 1, b't', 0];
-        publish.resize(40, b'p');
-        let connack = [0x20, 3, 0, 0, 0];
-        broker.write_all(&connack).await.unwrap();
-        broker.write_all(&publish[..10]).await.unwrap();
-        let mut seen = [0u8; 15];
-        device.read_exact(&mut seen).await.unwrap();
-        assert_eq!(seen[..5], connack);
-        assert_eq!(seen[5..], publish[..10]);
+        let publish = connack_then_part_of_a_publish(&mut broker, &mut device).await;
         // A PINGREQ, then a SUBSCRIBE to `#`, which a client without a
         // certificate may not ask for: the PINGREQ still reaches rumqttd,
         // once the guard has refused the connection.
