@@ -453,9 +453,11 @@ fn audit_id() -> String {
 pub struct Registry {
     pool: AnyPool,
     backend: Backend,
-    /// SQLite has one writer; taking turns in-process keeps the registry's
-    /// own writers from waiting on SQLite's lock (other processes' writers
-    /// are waited for by `BEGIN IMMEDIATE`: see [`begin_write`]).
+    /// SQLite has one writer; the registry's transactions take turns
+    /// in-process rather than wait on SQLite's lock (other processes'
+    /// writers are waited for by `BEGIN IMMEDIATE`: see [`begin_write`]).
+    /// Single-statement writes (a session or token touched) do not take a
+    /// turn: they wait on SQLite's lock through its busy handler.
     write_turn: std::sync::Arc<Mutex<()>>,
     /// Certificates waiting to be recorded by the next group commit.
     commit_queue: std::sync::Mutex<Vec<Queued>>,
@@ -734,21 +736,42 @@ impl Registry {
         // Every migration not applied yet, not only those above the highest:
         // migrations numbered in parallel may land out of order.
         for (version, name, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
-            let mut tx = self.begin_write().await?;
-            // Another replica may be migrating the same PostgreSQL database:
-            // the version row's primary key makes the loser roll back.
-            sqlx::query(
-                "INSERT INTO idgate_schema (version, name, applied_at) VALUES ($1, $2, $3)",
-            )
-            .bind(*version)
-            .bind(*name)
-            .bind(now())
-            .execute(&mut *tx)
-            .await?;
-            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-            tx.commit().await?;
+            self.apply_migration(*version, name, sql).await?;
         }
         Ok(())
+    }
+
+    /// Applies one migration with its version row, in one transaction;
+    /// `Ok(false)` if another process applied it since `migrate` looked
+    /// (a gateway and an `idgate` command, or two replicas, starting at
+    /// once on an older schema): its version row is there, so is its schema.
+    /// On SQLite the transaction holds the write lock from its start, so the
+    /// other's commit is already visible; on PostgreSQL the insert waits for
+    /// the other's transaction and does nothing if it committed.
+    async fn apply_migration(
+        &self,
+        version: i64,
+        name: &str,
+        sql: &'static str,
+    ) -> Result<bool, RegistryError> {
+        let mut tx = self.begin_write().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO idgate_schema (version, name, applied_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(version)
+        .bind(name)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Registers a device with its owner and sealed enrollment credential, and

@@ -18,6 +18,7 @@ on_both_backends!(
     enrollment_context_reads_device_credential_and_rid,
     keys_bind_to_one_device,
     reopening_keeps_data_and_schema,
+    a_migration_applied_meanwhile_is_skipped,
     renewal_context_reads_certificate_successors_and_rid,
     renewal_counter_must_grow,
     revoke_suspend_resume_track_certificates,
@@ -1138,9 +1139,9 @@ async fn a_certificate_is_renewed_for_one_key(db: TestDatabase) {
     );
 }
 
-/// While a group's transaction is open, no other writer gets the write turn,
-/// even after the caller that started the group went away (SQLite: a second
-/// writer would meet SQLITE_BUSY).
+/// While a group's transaction is being opened or is open, no other writer
+/// gets the write turn, even after the caller that started the group went
+/// away (SQLite: a second writer would wait on SQLite's lock behind it).
 #[tokio::test]
 async fn sqlite_the_write_turn_stays_with_an_open_group() {
     use sqlx::Connection;
@@ -1205,6 +1206,32 @@ async fn sqlite_a_write_holds_the_lock_from_its_start() {
     // Free again once the transaction ends.
     sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK")
         .execute(&mut other)
+        .await
+        .unwrap();
+}
+
+/// A gateway and an `idgate` command (or two replicas) starting at once on
+/// an older schema both see a migration missing; the one that applies it
+/// second finds its version row and skips it, instead of failing to open.
+async fn a_migration_applied_meanwhile_is_skipped(db: TestDatabase) {
+    let Some((registry, _keep)) = registry(db).await else {
+        return;
+    };
+    let (version, name, sql) = MIGRATIONS[0];
+    // Everything is applied: as if another process had just done it.
+    let again = registry.apply_migration(version, name, sql).await;
+    assert!(matches!(again, Ok(false)), "{again:?}");
+    let rows: i64 = sqlx::query("SELECT count(*) FROM idgate_schema WHERE version = $1")
+        .bind(version)
+        .fetch_one(&registry.pool)
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    assert_eq!(rows, 1);
+    // Nothing was rolled back with the skipped one: the registry works.
+    registry
+        .add_device(&new_device("m1", "s", "a@x.io"), b"sealed", 10)
         .await
         .unwrap();
 }
