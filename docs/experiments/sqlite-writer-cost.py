@@ -2,8 +2,9 @@
 """CPU cost of the registry's group commit on SQLite, statement by statement.
 
 Replays the statements the gateway's group commit runs for a group of
-enrollments (gateway/src/registry/group.rs: the same SQL shapes, multi-row
-VALUES, CASE updates, synchronous=FULL, WAL) against a copy of a registry
+enrollments (gateway/src/registry/group.rs: its writes, multi-row VALUES
+and CASE updates, and its check of the keys' owners; synchronous=FULL,
+WAL) against a copy of a registry
 left by the benchmark, single-threaded and with nothing else running, so the
 figures are the writer's own CPU, without the thread hand-offs and the
 contention of the real gateway. Python's sqlite3 module links the system's
@@ -148,6 +149,8 @@ def record(db, ids):
               [v for i, (s, d) in enumerate(zip(serials, group))
                for v in (f"{1_700_000_000_000 + g * 100 + i:014d}{random.getrandbits(64):016x}",
                          at, "device:" + d, "enroll", d, s, "ok", "")])
+        timed("keys_check", "SELECT key_fingerprint, device_id FROM device_keys "
+              f"WHERE key_fingerprint IN ({within})", keys)
         timed("commit", "COMMIT")
     wall = time.perf_counter() - wall
     return spent, wall
