@@ -71,8 +71,10 @@ pub enum Refusal {
     #[error("malformed MQTT packet")]
     Malformed,
     /// A well-formed packet that breaks a rule of MQTT 5 the spec calls a
-    /// Protocol Error (reason 0x82): a property given twice (§2.2.2.2), or
-    /// a CONNECT property value the spec forbids (§3.1.2.11).
+    /// Protocol Error (reason 0x82): a property given twice (§2.2.2.2), a
+    /// CONNECT property value the spec forbids (§3.1.2.11), a Topic Alias
+    /// or Subscription Identifier of 0 (§3.3.2.3.4, §3.8.2.1.2), or a
+    /// Subscription Identifier in a PUBLISH (§3.3.4).
     #[error("MQTT protocol error: {0}")]
     ProtocolError(&'static str),
     /// A CONNECT naming MQTT with a protocol level other than 4 (3.1.1) or 5.
@@ -419,10 +421,11 @@ impl Guard {
             PUBACK | PUBREC | PUBREL | PUBCOMP => {
                 r.u16()?;
                 if self.v5 {
-                    reason_and_properties(&mut r)?;
+                    reason_and_properties(&mut r, Block::Acknowledgement)?;
                 }
             }
-            DISCONNECT | AUTH if self.v5 => reason_and_properties(&mut r)?,
+            DISCONNECT if self.v5 => reason_and_properties(&mut r, Block::Disconnect)?,
+            AUTH if self.v5 => reason_and_properties(&mut r, Block::Auth)?,
             PINGREQ | DISCONNECT => {}
             _ => return Err(Refusal::Malformed),
         }
@@ -434,7 +437,7 @@ impl Guard {
         if (first >> 1) & 3 > 0 {
             packet_id(r)?;
         }
-        let alias = self.v5 && properties(r)?.topic_alias;
+        let alias = self.v5 && properties(r, Block::Publish)?.topic_alias;
         r.rest();
         if topic.is_empty() {
             // An alias-only PUBLISH names a topic set earlier on this
@@ -465,7 +468,7 @@ impl Guard {
     fn subscribe(&mut self, r: &mut Reader<'_>) -> Result<(), Refusal> {
         packet_id(r)?;
         if self.v5 {
-            properties(r)?;
+            properties(r, Block::Subscribe)?;
         }
         if r.is_empty() {
             return Err(Refusal::Malformed);
@@ -511,7 +514,7 @@ impl Guard {
     fn unsubscribe(&mut self, r: &mut Reader<'_>) -> Result<(), Refusal> {
         packet_id(r)?;
         if self.v5 {
-            properties(r)?;
+            properties(r, Block::Unsubscribe)?;
         }
         if r.is_empty() {
             return Err(Refusal::Malformed);
@@ -575,7 +578,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     }
     let keep_alive = r.u16()?;
     let (session_expiry, session_expiry_at, max_packet_size) = if v5 {
-        let found = properties(&mut r)?;
+        let found = properties(&mut r, Block::Connect)?;
         // MQTT 5 §3.1.2.11.10: the data belongs to a method.
         if found.authentication_data && !found.authentication_method {
             return Err(Refusal::ProtocolError(
@@ -595,7 +598,7 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     let client_id_span = (start, r.position());
     let will_topic = if will {
         if v5 {
-            properties(&mut r)?;
+            properties(&mut r, Block::Will)?;
         }
         let topic = r.string()?;
         r.binary()?; // will payload
@@ -704,14 +707,29 @@ fn packet_id(r: &mut Reader<'_>) -> Result<(), Refusal> {
 
 /// The optional reason code and properties ending an MQTT 5 acknowledgement,
 /// DISCONNECT or AUTH.
-fn reason_and_properties(r: &mut Reader<'_>) -> Result<(), Refusal> {
+fn reason_and_properties(r: &mut Reader<'_>, block: Block) -> Result<(), Refusal> {
     if !r.is_empty() {
         r.u8()?;
         if !r.is_empty() {
-            properties(r)?;
+            properties(r, block)?;
         }
     }
     Ok(())
+}
+
+/// The packet (or, for the will, the part of CONNECT) a property block
+/// comes from: what a property may be depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    Connect,
+    Will,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    /// PUBACK, PUBREC, PUBREL or PUBCOMP.
+    Acknowledgement,
+    Disconnect,
+    Auth,
 }
 
 /// What the guard needs from an MQTT 5 property block.
@@ -732,12 +750,12 @@ struct Properties {
     authentication_data: bool,
 }
 
-/// Parses an MQTT 5 property block (length, then identifier/value pairs);
-/// unknown identifiers are malformed, and a property other than User
-/// Property given twice is a protocol error (MQTT 5 §2.2.2.2; a client
-/// never sends the one other that may repeat, Subscription Identifier in
-/// PUBLISH).
-fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
+/// Parses an MQTT 5 property block (length, then identifier/value pairs)
+/// of a `block` sent by a client; unknown identifiers are malformed, and a
+/// property other than User Property given twice is a protocol error (MQTT
+/// 5 §2.2.2.2; the one other that may repeat, Subscription Identifier in
+/// PUBLISH, only a server may send).
+fn properties(r: &mut Reader<'_>, block: Block) -> Result<Properties, Refusal> {
     const USER_PROPERTY: usize = 0x26;
     let len = r.varint()?;
     let base = r.position();
@@ -785,7 +803,11 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
                 }
             }
             0x23 => {
-                p.u16()?;
+                // Zero is a protocol error (MQTT 5 §3.3.2.3.4): aliases
+                // start at 1.
+                if p.u16()? == 0 {
+                    return Err(Refusal::ProtocolError("Topic Alias 0"));
+                }
                 found.topic_alias = true;
             }
             0x11 => {
@@ -805,7 +827,17 @@ fn properties(r: &mut Reader<'_>) -> Result<Properties, Refusal> {
                 found.max_packet_size = Some(size);
             }
             0x0b => {
-                p.varint()?;
+                // MQTT 5 §3.3.4 (MQTT-3.3.4-6): only a server puts one in a
+                // PUBLISH; §3.8.2.1.2: zero is a protocol error.
+                let identifier = p.varint()?;
+                if block == Block::Publish {
+                    return Err(Refusal::ProtocolError(
+                        "Subscription Identifier in a PUBLISH from a client",
+                    ));
+                }
+                if identifier == 0 {
+                    return Err(Refusal::ProtocolError("Subscription Identifier 0"));
+                }
             }
             0x03 | 0x08 | 0x12 | 0x1a | 0x1c | 0x1f => {
                 p.string()?;
@@ -1888,6 +1920,53 @@ mod tests {
             feed_all(&mut Guard::new(device(), 5), &bare),
             Err(Refusal::Malformed)
         );
+    }
+
+    /// Every property value after CONNECT that MQTT 5 calls a Protocol
+    /// Error, and the values beside it that are fine.
+    #[test]
+    fn packet_property_values_that_are_protocol_errors() {
+        let publish =
+            |properties: &[u8]| build::publish(5, "idgate/v1/devices/dev-1/a", 1, properties, b"x");
+        let subscribe = |properties: &[u8]| {
+            let mut body = 9u16.to_be_bytes().to_vec();
+            build::properties(properties, &mut body);
+            build::string(CRL_TOPIC, &mut body);
+            body.push(1);
+            build::packet(0x82, &body)
+        };
+        let in_publish = "Subscription Identifier in a PUBLISH from a client";
+        let cases: [(Vec<u8>, Option<&str>); 11] = [
+            // Topic Alias (§3.3.2.3.4).
+            (publish(&[0x23, 0, 0]), Some("Topic Alias 0")),
+            (publish(&[0x23, 0, 1]), None),
+            (publish(&[0x23, 0xff, 0xff]), None),
+            // Subscription Identifier in a PUBLISH from a client (§3.3.4).
+            (publish(&[0x0b, 1]), Some(in_publish)),
+            (publish(&[0x0b, 0xff, 0xff, 0xff, 0x7f]), Some(in_publish)),
+            (publish(&[0x0b, 0]), Some(in_publish)),
+            // Subscription Identifier in SUBSCRIBE (§3.8.2.1.2): 1 to
+            // 268,435,455.
+            (subscribe(&[0x0b, 0]), Some("Subscription Identifier 0")),
+            (
+                subscribe(&[0x0b, 0x80, 0]),
+                Some("Subscription Identifier 0"),
+            ),
+            (subscribe(&[0x0b, 1]), None),
+            (subscribe(&[0x0b, 0xff, 0xff, 0xff, 0x7f]), None),
+            (subscribe(&[]), None),
+        ];
+        for (packet, error) in cases {
+            let fed = feed_all(&mut Guard::new(device(), 5), &packet);
+            match error {
+                Some(why) => {
+                    assert_eq!(fed, Err(Refusal::ProtocolError(why)), "{packet:02x?}");
+                    let refusal = fed.unwrap_err();
+                    assert_eq!(disconnect_packet(5, &refusal), Some(vec![0xe0, 2, 0x82, 0]));
+                }
+                None => assert_eq!(fed, Ok(packet.clone()), "{packet:02x?}"),
+            }
+        }
     }
 
     #[test]
