@@ -67,7 +67,8 @@ pub enum Identity {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Refusal {
-    /// Not a well-formed MQTT 3.1.1 or 5 packet, or one a client may not send.
+    /// Not a well-formed MQTT 3.1.1 or 5 packet, or one a client may not
+    /// send; in MQTT 5 also a property not valid in its packet (§2.2.2.2).
     #[error("malformed MQTT packet")]
     Malformed,
     /// A well-formed packet that breaks a rule of MQTT 5 the spec calls a
@@ -750,11 +751,46 @@ struct Properties {
     authentication_data: bool,
 }
 
+/// Whether MQTT 5 allows property `id` in `block`: the table of §2.2.2.2,
+/// for the packets a client sends.
+fn allowed_in(id: usize, block: Block) -> bool {
+    use Block::*;
+    match id {
+        // Payload Format Indicator, Message Expiry Interval, Content Type,
+        // Response Topic, Correlation Data.
+        0x01 | 0x02 | 0x03 | 0x08 | 0x09 => matches!(block, Publish | Will),
+        // Subscription Identifier (in a PUBLISH, for the server to send).
+        0x0b => matches!(block, Publish | Subscribe),
+        // Session Expiry Interval.
+        0x11 => matches!(block, Connect | Disconnect),
+        // Authentication Method, Authentication Data.
+        0x15 | 0x16 => matches!(block, Connect | Auth),
+        // Request Problem Information, Request Response Information,
+        // Receive Maximum, Topic Alias Maximum, Maximum Packet Size.
+        0x17 | 0x19 | 0x21 | 0x22 | 0x27 => block == Connect,
+        // Will Delay Interval.
+        0x18 => block == Will,
+        // Server Reference.
+        0x1c => block == Disconnect,
+        // Reason String.
+        0x1f => matches!(block, Acknowledgement | Disconnect | Auth),
+        // Topic Alias.
+        0x23 => block == Publish,
+        // User Property.
+        0x26 => true,
+        // CONNACK only (Assigned Client Identifier, Server Keep Alive,
+        // Response Information, Maximum QoS, Retain Available, Wildcard,
+        // Subscription Identifier and Shared Subscription Available), and
+        // identifiers MQTT 5 does not define.
+        _ => false,
+    }
+}
+
 /// Parses an MQTT 5 property block (length, then identifier/value pairs)
-/// of a `block` sent by a client; unknown identifiers are malformed, and a
-/// property other than User Property given twice is a protocol error (MQTT
-/// 5 §2.2.2.2; the one other that may repeat, Subscription Identifier in
-/// PUBLISH, only a server may send).
+/// of a `block` sent by a client. An identifier that is unknown or not
+/// valid in `block` is malformed, and a property other than User Property
+/// given twice is a protocol error (MQTT 5 §2.2.2.2; the one other that may
+/// repeat, Subscription Identifier in PUBLISH, only a server may send).
 fn properties(r: &mut Reader<'_>, block: Block) -> Result<Properties, Refusal> {
     const USER_PROPERTY: usize = 0x26;
     let len = r.varint()?;
@@ -765,6 +801,9 @@ fn properties(r: &mut Reader<'_>, block: Block) -> Result<Properties, Refusal> {
     let mut seen = 0u64;
     while !p.is_empty() {
         let id = p.varint()?;
+        if !allowed_in(id, block) {
+            return Err(Refusal::Malformed);
+        }
         if id < 64 && id != USER_PROPERTY {
             if seen & (1 << id) != 0 {
                 return Err(Refusal::ProtocolError("a property given twice"));
@@ -1512,6 +1551,134 @@ mod tests {
                     "{properties:02x?}"
                 ),
                 None => assert!(admitted.is_ok(), "{properties:02x?}"),
+            }
+        }
+    }
+
+    /// Every property identifier against every property block a client
+    /// sends, as the table of MQTT 5 §2.2.2.2 has it: one not valid in its
+    /// packet is malformed; one that is valid passes or, with the values
+    /// below, is refused for another reason (a Subscription Identifier in
+    /// PUBLISH, Authentication Data without a method), never as malformed.
+    #[test]
+    fn properties_valid_in_their_packet_only() {
+        use Block::*;
+        let blocks = [
+            Connect,
+            Will,
+            Publish,
+            Subscribe,
+            Unsubscribe,
+            Acknowledgement,
+            Disconnect,
+            Auth,
+        ];
+        let string = |id: u8, text: &str| {
+            let mut p = vec![id];
+            build::string(text, &mut p);
+            p
+        };
+        let binary = {
+            let mut p = vec![0x09];
+            build::binary(&[1, 2], &mut p);
+            p
+        };
+        let authentication_data = {
+            let mut p = vec![0x16];
+            build::binary(&[1, 2], &mut p);
+            p
+        };
+        let user_property = [string(0x26, "k"), string(0, "v")[1..].to_vec()].concat();
+        let rows: [(Vec<u8>, &[Block]); 31] = [
+            (vec![0x01, 1], &[Publish, Will]),
+            (vec![0x02, 0, 0, 0, 5], &[Publish, Will]),
+            (string(0x03, "text/plain"), &[Publish, Will]),
+            (string(0x08, "a/b"), &[Publish, Will]),
+            (binary, &[Publish, Will]),
+            (vec![0x0b, 5], &[Publish, Subscribe]),
+            (vec![0x11, 0, 0, 0, 0], &[Connect, Disconnect]),
+            (string(0x12, "id"), &[]),
+            (vec![0x13, 0, 5], &[]),
+            (string(0x15, "none"), &[Connect, Auth]),
+            (authentication_data, &[Connect, Auth]),
+            (vec![0x17, 1], &[Connect]),
+            (vec![0x18, 0, 0, 0, 5], &[Will]),
+            (vec![0x19, 1], &[Connect]),
+            (string(0x1a, "info"), &[]),
+            (string(0x1c, "other"), &[Disconnect]),
+            (string(0x1f, "why"), &[Acknowledgement, Disconnect, Auth]),
+            (vec![0x21, 0, 5], &[Connect]),
+            (vec![0x22, 0, 5], &[Connect]),
+            (vec![0x23, 0, 1], &[Publish]),
+            (vec![0x24, 1], &[]),
+            (vec![0x25, 1], &[]),
+            (user_property, &blocks),
+            (vec![0x27, 0, 0, 0x10, 0], &[Connect]),
+            (vec![0x28, 1], &[]),
+            (vec![0x29, 1], &[]),
+            (vec![0x2a, 1], &[]),
+            // Identifiers MQTT 5 does not define.
+            (vec![0x00, 1], &[]),
+            (vec![0x04, 1], &[]),
+            (vec![0x2b, 1], &[]),
+            (vec![0x80, 0x01, 1], &[]),
+        ];
+        let guarded = |first: u8, body: Vec<u8>| {
+            let packet = build::packet(first, &body);
+            feed_all(&mut Guard::new(device(), 5), &packet).map(|_| ())
+        };
+        for (property, allowed) in rows {
+            for block in blocks {
+                let result = match block {
+                    Connect | Will => {
+                        let mut connect = C::new(5, DEV);
+                        if block == Connect {
+                            connect.properties = property.clone();
+                        } else {
+                            connect.will = Some(build::Will {
+                                properties: property.clone(),
+                                topic: "idgate/v1/devices/dev-1/w".to_owned(),
+                                payload: b"gone".to_vec(),
+                            });
+                        }
+                        admit_connect(&device(), &connect.encode()).map(|_| ())
+                    }
+                    Publish => {
+                        let topic = "idgate/v1/devices/dev-1/a";
+                        let packet = build::publish(5, topic, 1, &property, b"x");
+                        feed_all(&mut Guard::new(device(), 5), &packet).map(|_| ())
+                    }
+                    Subscribe | Unsubscribe => {
+                        let mut body = 9u16.to_be_bytes().to_vec();
+                        build::properties(&property, &mut body);
+                        build::string(CRL_TOPIC, &mut body);
+                        if block == Subscribe {
+                            body.push(1);
+                            guarded(0x82, body)
+                        } else {
+                            guarded(0xa2, body)
+                        }
+                    }
+                    Acknowledgement => [0x40, 0x50, 0x62, 0x70]
+                        .into_iter()
+                        .map(|first| {
+                            let mut body = vec![0, 7, 0];
+                            build::properties(&property, &mut body);
+                            guarded(first, body)
+                        })
+                        .find(Result::is_err)
+                        .unwrap_or(Ok(())),
+                    Disconnect | Auth => {
+                        let mut body = vec![if block == Auth { 0x18 } else { 0 }];
+                        build::properties(&property, &mut body);
+                        guarded(if block == Auth { 0xf0 } else { 0xe0 }, body)
+                    }
+                };
+                if allowed.contains(&block) {
+                    assert_ne!(result, Err(Refusal::Malformed), "{block:?} {property:02x?}");
+                } else {
+                    assert_eq!(result, Err(Refusal::Malformed), "{block:?} {property:02x?}");
+                }
             }
         }
     }
