@@ -1472,6 +1472,22 @@ mod tests {
         }
     }
 
+    /// A CONNECT asking for enhanced authentication is refused with
+    /// CONNACK 0x8C, Bad authentication method.
+    #[tokio::test]
+    async fn an_authentication_method_is_refused() {
+        let (service, _queue) = tokio::sync::mpsc::channel(1);
+        let front = front_for(SocketAddr::from(([127, 0, 0, 1], 9)), service);
+        let properties = [0x15, 0, 5, b'S', b'C', b'R', b'A', b'M', 0x16, 0, 1, b'x'];
+        let connect = connect_with(5, "dev", &properties);
+        let (mut device, session, _stop) = start_session(&front, connect, None, 1024);
+        let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+        assert!(ended.unwrap().unwrap().is_err());
+        let mut answer = Vec::new();
+        device.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, [0x20, 3, 0, 0x8c, 0]);
+    }
+
     /// An MQTT 3.1.1 CONNECT that is malformed or breaks a rule of the
     /// protocol is answered by closing the connection, without a CONNACK
     /// (MQTT 3.1.1 §3.1.4); a well-formed one that is refused gets its

@@ -78,6 +78,11 @@ pub enum Refusal {
     /// Subscription Identifier in a PUBLISH (§3.3.4).
     #[error("MQTT protocol error: {0}")]
     ProtocolError(&'static str),
+    /// An MQTT 5 CONNECT with an Authentication Method: the gateway supports
+    /// no enhanced authentication (§4.12), and says so with CONNACK 0x8C,
+    /// Bad authentication method.
+    #[error("MQTT 5 enhanced authentication not supported")]
+    BadAuthenticationMethod,
     /// A CONNECT naming MQTT with a protocol level other than 4 (3.1.1) or 5.
     #[error("MQTT protocol level {0} not supported")]
     UnsupportedLevel(u8),
@@ -238,8 +243,13 @@ pub fn connack_refusal(level: u8, refusal: &Refusal) -> Option<Vec<u8>> {
         Refusal::ClientIdMismatch | Refusal::ClientIdInvalid
     );
     if level == 5 {
-        // Client Identifier not valid, or the reason a DISCONNECT would give.
-        let reason = if client_id { 0x85 } else { reason_v5(refusal) };
+        // Client Identifier not valid, Bad authentication method (neither
+        // a DISCONNECT reason), or the reason a DISCONNECT would give.
+        let reason = match refusal {
+            _ if client_id => 0x85,
+            Refusal::BadAuthenticationMethod => 0x8c,
+            _ => reason_v5(refusal),
+        };
         Some(vec![0x20, 3, 0, reason, 0])
     } else if matches!(refusal, Refusal::Malformed | Refusal::ProtocolError(_)) {
         None
@@ -580,6 +590,11 @@ fn parse_connect(packet: &[u8]) -> Result<Connect<'_>, Refusal> {
     let keep_alive = r.u16()?;
     let (session_expiry, session_expiry_at, max_packet_size) = if v5 {
         let found = properties(&mut r, Block::Connect)?;
+        // No method is supported (MQTT 5 §4.12): rumqttd would go on
+        // without one, where the client expects its method to be used.
+        if found.authentication_method {
+            return Err(Refusal::BadAuthenticationMethod);
+        }
         // MQTT 5 §3.1.2.11.10: the data belongs to a method.
         if found.authentication_data && !found.authentication_method {
             return Err(Refusal::ProtocolError(
@@ -1120,10 +1135,8 @@ mod tests {
             p.push(0x26); // user property
             string("sdk", &mut p);
             string("aws-iot-device-sdk-embedded-C/4", &mut p);
-            p.push(0x15); // authentication method
-            string("none", &mut p);
-            p.push(0x16); // authentication data
-            binary(&[1, 2, 3], &mut p);
+            p.push(0x17); // request problem information
+            p.push(1);
             p
         }
 
@@ -1249,7 +1262,8 @@ mod tests {
         }
         c.will = will_topic.map(|topic| build::Will {
             properties: if level == 5 {
-                vec![0x18, 0, 0, 0, 5, 0x01, 1] // will delay, payload format
+                // Will delay, payload format, correlation data.
+                vec![0x18, 0, 0, 0, 5, 0x01, 1, 0x09, 0, 3, 1, 2, 3]
             } else {
                 Vec::new()
             },
@@ -1499,18 +1513,12 @@ mod tests {
     /// values beside it that are fine.
     #[test]
     fn connect_property_values_that_are_protocol_errors() {
-        let method = {
-            let mut p = vec![0x15];
-            build::string("none", &mut p);
-            p
-        };
         let data = {
             let mut p = vec![0x16];
             build::binary(b"x", &mut p);
             p
         };
-        let with_method = [&method[..], &data[..]].concat();
-        let cases: [(&[u8], Option<&str>); 16] = [
+        let cases: [(&[u8], Option<&str>); 14] = [
             // Receive Maximum (§3.1.2.11.3).
             (&[0x21, 0, 0], Some("Receive Maximum 0")),
             (&[0x21, 0, 1], None),
@@ -1535,8 +1543,6 @@ mod tests {
                 &data,
                 Some("Authentication Data without Authentication Method"),
             ),
-            (&with_method, None),
-            (&method, None),
             // Maximum Packet Size (§3.1.2.11.4).
             (&[0x27, 0, 0, 0, 0], Some("Maximum Packet Size 0")),
         ];
@@ -1681,6 +1687,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Any Authentication Method asks for enhanced authentication, which
+    /// the gateway does not support (MQTT 5 §4.12): CONNACK 0x8C.
+    #[test]
+    fn an_authentication_method_is_refused() {
+        let method = |name: &str| {
+            let mut p = vec![0x15];
+            build::string(name, &mut p);
+            p
+        };
+        let data = {
+            let mut p = vec![0x16];
+            build::binary(&[1, 2, 3], &mut p);
+            p
+        };
+        let user_property = {
+            let mut p = vec![0x26];
+            build::string("k", &mut p);
+            build::string("v", &mut p);
+            p
+        };
+        let bad = Err(Refusal::BadAuthenticationMethod);
+        let cases: [(Vec<u8>, Result<(), Refusal>); 6] = [
+            (method("SCRAM-SHA-256"), bad.clone()),
+            (
+                [method("SCRAM-SHA-256"), data.clone()].concat(),
+                bad.clone(),
+            ),
+            ([data.clone(), method("x")].concat(), bad.clone()),
+            (method(""), bad.clone()),
+            // Without a method: data alone is a protocol error
+            // (§3.1.2.11.10); nothing at all, or other properties, pass.
+            (
+                data,
+                Err(Refusal::ProtocolError(
+                    "Authentication Data without Authentication Method",
+                )),
+            ),
+            (user_property, Ok(())),
+        ];
+        for identity in [device(), Identity::Anonymous] {
+            for (properties, expected) in &cases {
+                let mut connect = C::new(5, DEV);
+                connect.properties = properties.clone();
+                let admitted = admit_connect(&identity, &connect.encode()).map(|_| ());
+                assert_eq!(&admitted, expected, "{identity:?} {properties:02x?}");
+            }
+        }
+        assert_eq!(
+            connack_refusal(5, &Refusal::BadAuthenticationMethod),
+            Some(vec![0x20, 3, 0, 0x8c, 0])
+        );
     }
 
     #[test]
