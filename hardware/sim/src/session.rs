@@ -153,7 +153,9 @@ async fn leave(client: &AsyncClient, eventloop: &mut EventLoop) {
         // Nothing may follow a DISCONNECT (MQTT 5 §3.14.4, 3.1.1 §3.14.4):
         // rumqttc's keep-alive timer would still send a PINGREQ while the
         // loop is polled, unless the keep-alive is off.
-        eventloop.mqtt_options.set_keep_alive(std::time::Duration::ZERO);
+        eventloop
+            .mqtt_options
+            .set_keep_alive(std::time::Duration::ZERO);
         // Until the broker closes: the first error is the end of the
         // stream (polling past it would connect again).
         while eventloop.poll().await.is_ok() {}
